@@ -1,0 +1,146 @@
+"""The band contract: the GUM export layout and the model input (DESIGN.md "Band contract").
+
+The GUM Earth Engine export stacks 11 bands (14 with the built-up products)::
+
+    B4 B3 B2 B8 | VV_ascending VH_ascending VV_descending VH_descending | elevation slope aspect
+    [| worldcover_built gisa_2019 wsf_2019]
+
+The model sees 10 channels (13 with products), made exactly as the seed notebook does:
+
+1. every NaN and +-inf becomes 0 (so a missing Sentinel-1 value is 0 dB, which becomes 1.0 below,
+   the same as Earth Engine's constant-0 fallback for an empty pass: the trained model expects it);
+2. Sentinel-2 reflectance clipped to [0, 1];
+3. Sentinel-1 dB clipped to [-25, 0], then (x + 25) / 25;
+4. elevation dropped; slope / 90 and aspect / 360, each clipped to [0, 1];
+5. the three product bands (0/1) appended unchanged for the 13-channel model.
+
+A pixel with no Sentinel-2 value (any of the four S2 bands NaN in the export) is "no data" in the
+output: the network would otherwise predict on zeros.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gum_ray.errors import InputError
+
+S2_BANDS = ("B4", "B3", "B2", "B8")
+S1_BANDS = ("VV_ascending", "VH_ascending", "VV_descending", "VH_descending")
+TERRAIN_BANDS = ("elevation", "slope", "aspect")
+PRODUCT_BANDS = ("worldcover_built", "gisa_2019", "wsf_2019")
+
+EXPORT_BANDS = S2_BANDS + S1_BANDS + TERRAIN_BANDS  # 11 bands
+EXPORT_BANDS_WITH_PRODUCTS = EXPORT_BANDS + PRODUCT_BANDS  # 14 bands
+
+MODEL_CHANNELS = 10
+MODEL_CHANNELS_WITH_PRODUCTS = 13
+
+S2_SLICE = slice(0, 4)
+S1_SLICE = slice(4, 8)
+ELEVATION = 8
+SLOPE = 9
+ASPECT = 10
+PRODUCT_SLICE = slice(11, 14)
+
+S1_MIN_DB = -25.0
+S1_MAX_DB = 0.0
+
+# Compact integer encodings used by the Earth Engine source and the imagery cache
+# (DESIGN.md decision 5): reflectance x 10000 as uint16, dB x 100 as int16, terrain as int16
+# (elevation in m, slope and aspect in centi-degrees), products as uint8.
+S2_SCALE = 10000.0
+S1_SCALE = 100.0
+SLOPE_ASPECT_SCALE = 100.0
+
+
+def export_band_names(with_products: bool) -> tuple[str, ...]:
+    return EXPORT_BANDS_WITH_PRODUCTS if with_products else EXPORT_BANDS
+
+
+def model_channels(with_products: bool) -> int:
+    return MODEL_CHANNELS_WITH_PRODUCTS if with_products else MODEL_CHANNELS
+
+
+def with_products_for_band_count(count: int, *, source: str = "input") -> bool:
+    """Whether an export with ``count`` bands carries the product bands (11 -> no, 14 -> yes)."""
+    if count == len(EXPORT_BANDS):
+        return False
+    if count == len(EXPORT_BANDS_WITH_PRODUCTS):
+        return True
+    raise InputError(
+        f"{source}: has {count} bands; a GUM export has 11 (B4 B3 B2 B8, S1 VV/VH ascending and "
+        f"descending, elevation slope aspect) or 14 (plus the three built-up products). "
+        f"Export it with the GUM recipe (or gum-ray's Earth Engine source)."
+    )
+
+
+def validity_mask(export: np.ndarray) -> np.ndarray:
+    """True where the pixel has Sentinel-2 data (all four S2 bands finite). Shape (H, W)."""
+    return np.isfinite(export[S2_SLICE]).all(axis=0)
+
+
+def preprocess(export: np.ndarray, *, with_products: bool | None = None) -> np.ndarray:
+    """GUM export (11 or 14, H, W) -> model input (10 or 13, H, W) float32, the notebook's way.
+
+    ``with_products`` defaults to what the band count says; asking for products from an 11-band
+    export is an error.
+    """
+    if export.ndim != 3:
+        raise InputError(f"expected an array (bands, height, width), got shape {export.shape}")
+    has_products = with_products_for_band_count(export.shape[0])
+    if with_products is None:
+        with_products = has_products
+    if with_products and not has_products:
+        raise InputError(
+            "the 13-channel (with products) model needs a 14-band export; this one has 11 bands. "
+            "Use the 10-channel checkpoint, or export the three built-up products too."
+        )
+    x = np.nan_to_num(export.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    out = np.empty((model_channels(with_products),) + x.shape[1:], dtype=np.float32)
+    np.clip(x[S2_SLICE], 0.0, 1.0, out=out[0:4])
+    s1 = np.clip(x[S1_SLICE], S1_MIN_DB, S1_MAX_DB)
+    out[4:8] = (s1 - S1_MIN_DB) / (S1_MAX_DB - S1_MIN_DB)
+    np.clip(x[SLOPE] / 90.0, 0.0, 1.0, out=out[8])
+    np.clip(x[ASPECT] / 360.0, 0.0, 1.0, out=out[9])
+    if with_products:
+        out[10:13] = x[PRODUCT_SLICE]
+    return out
+
+
+def encode_compact(export: np.ndarray) -> dict[str, np.ndarray]:
+    """GUM export floats -> compact integer arrays per modality (the imagery cache and EE wire format).
+
+    NaN is kept apart as a validity mask per modality (uint8 0/1, the "mask byte").
+    Returns keys ``s2`` (uint16), ``s1`` (int16), ``terrain`` (int16), and ``products`` (uint8)
+    when present, plus ``s2_mask``, ``s1_mask``, ``terrain_mask``.
+    """
+    x = export.astype(np.float32, copy=False)
+    out: dict[str, np.ndarray] = {}
+    s2 = x[S2_SLICE]
+    out["s2_mask"] = np.isfinite(s2).astype(np.uint8)
+    out["s2"] = np.clip(np.rint(np.nan_to_num(s2) * S2_SCALE), 0, 65535).astype(np.uint16)
+    s1 = x[S1_SLICE]
+    out["s1_mask"] = np.isfinite(s1).astype(np.uint8)
+    out["s1"] = np.clip(np.rint(np.nan_to_num(s1) * S1_SCALE), -32768, 32767).astype(np.int16)
+    t = x[ELEVATION : ASPECT + 1]
+    out["terrain_mask"] = np.isfinite(t).astype(np.uint8)
+    scales = np.array([1.0, SLOPE_ASPECT_SCALE, SLOPE_ASPECT_SCALE], np.float32)[:, None, None]
+    out["terrain"] = np.clip(np.rint(np.nan_to_num(t) * scales), -32768, 32767).astype(np.int16)
+    if x.shape[0] == len(EXPORT_BANDS_WITH_PRODUCTS):
+        out["products"] = np.nan_to_num(x[PRODUCT_SLICE]).astype(np.uint8)
+    return out
+
+
+def decode_compact(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """Inverse of :func:`encode_compact`: float32 GUM export, NaN where a mask says missing."""
+    s2 = parts["s2"].astype(np.float32) / S2_SCALE
+    s2[parts["s2_mask"] == 0] = np.nan
+    s1 = parts["s1"].astype(np.float32) / S1_SCALE
+    s1[parts["s1_mask"] == 0] = np.nan
+    scales = np.array([1.0, SLOPE_ASPECT_SCALE, SLOPE_ASPECT_SCALE], np.float32)[:, None, None]
+    t = parts["terrain"].astype(np.float32) / scales
+    t[parts["terrain_mask"] == 0] = np.nan
+    stack = [s2, s1, t]
+    if "products" in parts:
+        stack.append(parts["products"].astype(np.float32))
+    return np.concatenate(stack, axis=0)

@@ -1,0 +1,58 @@
+"""The ``gum`` command line.
+
+Each subcommand lives in its own module under :mod:`gum_ray.commands` with two functions:
+``add_parser(subparsers)`` and ``run(args) -> int``. A :class:`~gum_ray.errors.GumError` is printed
+as one line (``gum: error: ...``) with a non-zero exit code; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from gum_ray import __version__
+from gum_ray.errors import GumError
+
+# subcommand name -> module under gum_ray.commands (imported lazily: `gum --help` stays fast)
+COMMANDS = {
+    "predict": "predict",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gum",
+        description="gum-ray: urban areas at 10 m with the GlobalUrbanMapper model.",
+    )
+    parser.add_argument("--version", action="version", version=f"gum-ray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module in COMMANDS.items():
+        mod = importlib.import_module(f"gum_ray.commands.{module}")
+        p = mod.add_parser(sub)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args._run(args) or 0)
+    except GumError as exc:
+        print(f"gum: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gum: interrupted; finished outputs are kept, unfinished ones were not written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
