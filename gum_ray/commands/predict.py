@@ -1,0 +1,119 @@
+"""``gum predict INPUT OUTPUT --checkpoint CKPT``: GUM exports -> probability + class COGs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gum_ray.errors import InputError
+
+
+def add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that runs the network."""
+    from gum_ray.inference import DEFAULT_STRIDE
+
+    g = p.add_argument_group("inference")
+    g.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
+                   help=f"crop stride in px (crops are always 256; default {DEFAULT_STRIDE}, "
+                        "256 = no overlap as in the seed notebook)")
+    g.add_argument("--window", choices=("hann", "none"), default="hann",
+                   help="weights for blending overlapping crops (default hann)")
+    g.add_argument("--merge", choices=("probability", "logits"), default="probability",
+                   help="blend softmax probabilities (default) or average logits as mmseg does")
+    g.add_argument("--seed-settings", action="store_true",
+                   help="reproduce the seed notebook: stride 256, no window, logits averaged, fp32")
+    g.add_argument("--batch-size", type=int, default=8, help="crops per forward pass (default 8)")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto = bf16 where the device has it (fp16 on older GPUs), else fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="memory layout: auto = channels_last with mixed precision, NCHW in fp32 "
+                        "(bit-exact with mmseg)")
+
+
+def settings_from_args(args: argparse.Namespace):
+    from gum_ray.inference import InferenceSettings
+
+    layout = {"auto": None, "on": True, "off": False}[args.channels_last]
+    common = dict(batch_size=args.batch_size, device=args.device, compile=args.compile)
+    if args.seed_settings:
+        return InferenceSettings.seed(**common, **({} if layout is None else {"channels_last": layout}))
+    common["channels_last"] = layout
+    return InferenceSettings(stride=args.stride, window=args.window, merge=args.merge,
+                             precision=args.precision, **common)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "predict",
+        help="predict GUM export GeoTIFFs into probability/class COGs",
+        description="Predict urban areas in GUM export GeoTIFFs (11 or 14 float bands). Writes a "
+        "Cloud-Optimized GeoTIFF per input: band 1 = P(urban) percent 0-100, band 2 = class 0/1, "
+        "255 = no data.",
+    )
+    p.add_argument("input", help="a GUM export GeoTIFF, or a folder of them")
+    p.add_argument("output", help="output .tif (for one input) or folder (<name>_gum.tif each)")
+    p.add_argument("--checkpoint", required=True, help="GUM checkpoint (.pth, mmseg format)")
+    p.add_argument("--products", choices=("auto", "yes", "no"), default="auto",
+                   help="use the 3 built-up product bands: auto follows the checkpoint (13 channels "
+                        "= yes); 'yes' insists on a 13-channel checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_inference_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from gum_ray.inference import InferenceEngine
+    from gum_ray.model import load_checkpoint
+    from gum_ray.predict import plan_outputs, predict_file
+
+    pairs = plan_outputs(args.input, args.output)
+    settings = settings_from_args(args)
+    loaded = load_checkpoint(args.checkpoint)
+    if args.products == "yes" and not loaded.spec.with_products:
+        raise InputError(
+            f"--products yes: checkpoint {args.checkpoint} is a 10-channel model; give the "
+            "13-channel 'with products' checkpoint"
+        )
+    if args.products == "no" and loaded.spec.with_products:
+        raise InputError(
+            f"--products no: checkpoint {args.checkpoint} is the 13-channel 'with products' model "
+            "and needs the product bands; give the 10-channel checkpoint"
+        )
+    engine = InferenceEngine(loaded.model, settings)
+    show = not args.quiet and sys.stderr.isatty()
+    done = skipped = 0
+    files_bar = tqdm(total=len(pairs), unit="file", disable=not show or len(pairs) < 2, position=0)
+    for inp, out in pairs:
+        crops_bar = None
+
+        def on_start(total: int, _inp=inp) -> None:
+            nonlocal crops_bar
+            crops_bar = tqdm(total=total, unit="crop", desc=_inp.name, leave=False,
+                             disable=not show, position=1 if len(pairs) > 1 else 0)
+
+        try:
+            result = predict_file(
+                loaded, engine, inp, out, overwrite=args.overwrite,
+                progress=lambda n: crops_bar.update(n) if crops_bar else None,
+                on_start=on_start,
+            )
+        finally:
+            if crops_bar is not None:
+                crops_bar.close()
+        files_bar.update(1)
+        if result.skipped:
+            skipped += 1
+            print(f"skipped {out} (exists; --overwrite to replace)", file=sys.stderr)
+        else:
+            done += 1
+            rate = result.pixels / max(result.seconds, 1e-9) / 1e6
+            print(f"wrote {out} ({result.pixels / 1e6:.2f} Mpx in {result.seconds:.1f} s, "
+                  f"{rate:.3f} Mpx/s)", file=sys.stderr)
+    files_bar.close()
+    print(f"gum predict: {done} written, {skipped} skipped", file=sys.stderr)
+    return 0

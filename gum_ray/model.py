@@ -1,0 +1,312 @@
+"""The GUM network, built by mmsegmentation from the configs shipped in ``gum_ray/configs``,
+and the loader for user-supplied checkpoints.
+
+A checkpoint is an mmseg/mmengine file (a dict with ``state_dict``, or a bare state dict; keys may
+carry a ``module.`` prefix from DataParallel). The loader infers the architecture from the weight
+shapes (input channels 10 or 13; the base width, which is 64 for the released GUM weights and may be
+smaller for gum-ray's demo model), checks every key and shape against the network mmseg builds, and
+records the file's sha256 for provenance. Anything wrong is a :class:`CheckpointError` naming the
+file and the problem.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gum_ray.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+FIRST_CONV = "backbone.encoder.0.0.convs.0.conv.weight"
+PSP_BOTTLENECK = "decode_head.bottleneck.conv.weight"
+CLASSIFIER = "decode_head.conv_seg.weight"
+OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The architecture knobs that vary between GUM checkpoints."""
+
+    in_channels: int = 10
+    base_channels: int = 64
+    psp_channels: int = 16
+
+    @property
+    def with_products(self) -> bool:
+        return self.in_channels == 13
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+GUM_10 = ModelSpec(10, 64, 16)
+GUM_13 = ModelSpec(13, 64, 16)
+
+
+@lru_cache(maxsize=1)
+def _register_mmseg() -> None:
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+
+
+def model_config(spec: ModelSpec = GUM_10):
+    """The mmengine Config of the GUM network for ``spec`` (from the shipped config files)."""
+    from mmengine.config import Config
+
+    if spec.in_channels not in (10, 13):
+        raise CheckpointError(
+            f"GUM models take 10 or 13 input channels, not {spec.in_channels}"
+        )
+    name = "gum_unet_psp_products.py" if spec.with_products else "gum_unet_psp.py"
+    cfg = Config.fromfile(str(CONFIG_DIR / name))
+    cfg.model.backbone.base_channels = spec.base_channels
+    cfg.model.decode_head.in_channels = spec.base_channels
+    cfg.model.decode_head.channels = spec.psp_channels
+    return cfg
+
+
+def build_model(spec: ModelSpec = GUM_10) -> torch.nn.Module:
+    """A freshly initialised GUM network (mmseg ``EncoderDecoder``) in eval mode, on the CPU."""
+    _register_mmseg()
+    from mmseg.registry import MODELS
+
+    cfg = model_config(spec)
+    model = MODELS.build(copy.deepcopy(cfg.model))
+    model.cfg = cfg
+    model.eval()
+    return model
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    spec: ModelSpec
+    sha256: str
+    path: str
+    meta: dict[str, Any]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_checkpoint_file(path: Path) -> Any:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: is a folder; give the .pth file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path}: the file is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of the safe loader is examined below
+        first_error = exc
+        # mmengine training checkpoints carry Python objects (message hub, optimizer state) that
+        # the safe loader refuses; fall back to a full load only for files that are torch archives.
+        if not zipfile.is_zipfile(path) or "weights_only" not in str(exc).lower():
+            raise CheckpointError(
+                f"checkpoint {path}: not a readable PyTorch checkpoint ({_short(first_error)}); "
+                "is the file complete (not truncated) and a .pth saved by mmsegmentation or gum-ray?"
+            ) from None
+    log.warning(
+        "checkpoint %s holds Python objects besides tensors; loading it with full unpickling "
+        "(only load checkpoints you trust)",
+        path,
+    )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
+        raise CheckpointError(
+            f"checkpoint {path}: not a readable PyTorch checkpoint ({_short(exc)})"
+        ) from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+def extract_state_dict(obj: Any, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors of an mmseg checkpoint (``state_dict`` key or bare dict), ``module.`` stripped."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        sd = obj["model"]
+    elif isinstance(obj, dict):
+        sd = obj
+    else:
+        raise CheckpointError(
+            f"checkpoint {path}: holds a {type(obj).__name__}, not a state dict; "
+            "expected an mmsegmentation checkpoint (a dict with 'state_dict')"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if not isinstance(key, str) or not torch.is_tensor(value):
+            continue
+        out[key[len("module.") :] if key.startswith("module.") else key] = value
+    if not out:
+        raise CheckpointError(f"checkpoint {path}: contains no tensors")
+    return out
+
+
+def infer_spec(state_dict: dict[str, torch.Tensor], path: str | Path = "checkpoint") -> ModelSpec:
+    missing = [k for k in (FIRST_CONV, PSP_BOTTLENECK, CLASSIFIER) if k not in state_dict]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path}: is not a GUM (mmseg UNet + PSPHead) checkpoint: "
+            f"key {missing[0]!r} is missing"
+        )
+    first = state_dict[FIRST_CONV]
+    if first.ndim != 4:
+        raise CheckpointError(f"checkpoint {path}: {FIRST_CONV} has shape {tuple(first.shape)}")
+    num_classes = state_dict[CLASSIFIER].shape[0]
+    if num_classes != 2:
+        raise CheckpointError(
+            f"checkpoint {path}: predicts {num_classes} classes; GUM has 2 (background, urban)"
+        )
+    return ModelSpec(
+        in_channels=int(first.shape[1]),
+        base_channels=int(first.shape[0]),
+        psp_channels=int(state_dict[PSP_BOTTLENECK].shape[0]),
+    )
+
+
+def load_checkpoint(
+    path: str | Path, *, expect_channels: int | None = None
+) -> LoadedModel:
+    """Load and validate a GUM checkpoint; returns the model in eval mode on the CPU."""
+    path = Path(path)
+    raw = _read_checkpoint_file(path)
+    sd = extract_state_dict(raw, path)
+    spec = infer_spec(sd, path)
+    if spec.in_channels not in (10, 13):
+        raise CheckpointError(
+            f"checkpoint {path}: its first layer takes {spec.in_channels} channels; GUM models take "
+            "10 (S2 + S1 + slope/aspect) or 13 (plus the built-up products)"
+        )
+    if expect_channels is not None and spec.in_channels != expect_channels:
+        raise CheckpointError(
+            f"checkpoint {path}: is a {spec.in_channels}-channel model but the imagery gives "
+            f"{expect_channels} channels; use "
+            + (
+                "a 14-band export (with products) for this checkpoint"
+                if spec.in_channels == 13
+                else "the 13-channel 'with products' checkpoint, or drop the product bands"
+            )
+        )
+    model = build_model(spec)
+    expected = model.state_dict()
+    missing = [
+        k for k in expected if k not in sd and not k.endswith(OPTIONAL_KEY_SUFFIXES)
+    ]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]!r})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]!r})")
+        raise CheckpointError(
+            f"checkpoint {path}: does not match the GUM network: " + ", ".join(parts)
+        )
+    for key, tensor in expected.items():
+        if key in sd and tuple(sd[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"checkpoint {path}: {key} has shape {tuple(sd[key].shape)}, the GUM network "
+                f"needs {tuple(tensor.shape)}"
+            )
+    for key, tensor in sd.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"checkpoint {path}: {key} contains NaN or inf values")
+    model.load_state_dict(sd, strict=False)
+    meta = raw.get("meta", {}) if isinstance(raw, dict) and isinstance(raw.get("meta"), dict) else {}
+    return LoadedModel(model=model, spec=spec, sha256=file_sha256(path), path=str(path), meta=meta)
+
+
+def save_checkpoint(
+    model: torch.nn.Module, path: str | Path, spec: ModelSpec, meta: dict[str, Any] | None = None
+) -> str:
+    """Save in mmseg format (``{'meta': ..., 'state_dict': ...}``), atomically; returns sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "meta": {**(meta or {}), "gum_ray_spec": spec.as_dict()},
+        "state_dict": state,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return file_sha256(path)
+
+
+def randomize(
+    model: torch.nn.Module, seed: int = 0, calibrate_on: "np.ndarray | None" = None
+) -> torch.nn.Module:
+    """Give every weight random values and calibrate the BN statistics (tests and benchmarks).
+
+    Plain random weights make a network whose output is one constant class. Here the BN running
+    statistics are measured on ``calibrate_on`` (preprocessed imagery, (C, H, W), at least 256 px a
+    side) or, by default, on smooth random fields, so every layer is normalised and the prediction
+    varies with the input: both classes appear, and near-ties are as rare as in a trained model.
+    """
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bn.weight") or ".norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / p[0].numel()) ** 0.5)
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    c = int(model.backbone.encoder[0][0].convs[0].conv.in_channels)
+    if calibrate_on is None:
+        rng = np.random.default_rng(seed)
+        coarse = rng.uniform(0.0, 1.0, (4, c, 16, 16)).astype(np.float32)
+        batch = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(256, 256), mode="bilinear")
+    else:
+        img = torch.from_numpy(np.ascontiguousarray(calibrate_on, dtype=np.float32))
+        h, w = img.shape[1] // 256 * 256, img.shape[2] // 256 * 256
+        tiles = img[:, :h, :w].unfold(1, 256, 256).unfold(2, 256, 256)
+        batch = tiles.permute(1, 2, 0, 3, 4).reshape(-1, c, 256, 256)[:8]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model.encode_decode(batch, [dict(img_shape=(256, 256))] * batch.shape[0])
+    for m in bns:
+        m.momentum = 0.1
+    model.eval()
+    with torch.no_grad():  # centre the classifier: about half the calibration pixels are urban
+        logits = model.encode_decode(batch, [dict(img_shape=(256, 256))] * batch.shape[0])
+        shift = float((logits[:, 1] - logits[:, 0]).median())
+        model.decode_head.conv_seg.bias[1] -= shift / 2
+        model.decode_head.conv_seg.bias[0] += shift / 2
+    return model
+
+
+def random_checkpoint(
+    path: str | Path, spec: ModelSpec = GUM_10, seed: int = 0, calibrate_on=None
+) -> str:
+    """Write a checkpoint of the GUM network with random, non-trivial weights; returns sha256."""
+    model = randomize(build_model(spec), seed, calibrate_on)
+    return save_checkpoint(model, path, spec, meta={"note": f"random weights, seed {seed}"})
