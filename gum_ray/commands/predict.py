@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     engine = InferenceEngine(loaded.model, settings)
     show = not args.quiet and sys.stderr.isatty()
     done = skipped = 0
+    failed: list[str] = []
     files_bar = tqdm(total=len(pairs), unit="file", disable=not show or len(pairs) < 2, position=0)
     for inp, out in pairs:
         crops_bar = None
@@ -102,6 +103,14 @@ def run(args: argparse.Namespace) -> int:
                 progress=lambda n: crops_bar.update(n) if crops_bar else None,
                 on_start=on_start,
             )
+        except InputError as exc:
+            if len(pairs) == 1:
+                raise
+            # one bad file in a folder: report it, keep going, fail at the end
+            failed.append(str(inp))
+            print(f"gum: error: {exc}", file=sys.stderr)
+            files_bar.update(1)
+            continue
         finally:
             if crops_bar is not None:
                 crops_bar.close()
@@ -115,5 +124,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {out} ({result.pixels / 1e6:.2f} Mpx in {result.seconds:.1f} s, "
                   f"{rate:.3f} Mpx/s)", file=sys.stderr)
     files_bar.close()
-    print(f"gum predict: {done} written, {skipped} skipped", file=sys.stderr)
-    return 0
+    print(f"gum predict: {done} written, {skipped} skipped"
+          + (f", {len(failed)} failed" if failed else ""), file=sys.stderr)
+    return 2 if failed else 0

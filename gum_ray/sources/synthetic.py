@@ -54,10 +54,10 @@ CLASS_OCEAN = 4
 CLASS_NAMES = {0: "vegetation", 1: "town", 2: "road", 3: "lake", 4: "ocean"}
 
 TOWN_STEP_DEG = 0.03  # town lattice: rows of 0.03 deg latitude, cells ~0.03 deg wide on the ground
-TOWN_PROBABILITY = 0.55
+TOWN_PROBABILITY = 0.7
 TOWN_RADIUS_M = (250.0, 800.0)
 TOWN_GROWTH = (0.02, 0.06)  # fractional radius growth per year
-TOWN_BIRTH = (2000, 2034)  # birth years; towns born after 2017 are "new towns"
+TOWN_BIRTH = (1995, 2034)  # birth years; towns born after 2017 are "new towns"
 ROAD_PROBABILITY = 0.7
 ROAD_HALF_WIDTH_M = 10.0
 LAKE_STEP_DEG = 0.09
@@ -73,11 +73,11 @@ WORLDCOVER_YEAR = 2020
 GISA_YEAR = 2019
 WSF_YEAR = 2019
 
-#: A documented demo location: a town established before 2017, 8.5 km north-west of Zurich's centre
-#: in the real world (the synthetic world has its own towns). The 0.05 x 0.05 degree box around it
+#: A documented demo location: a town established before 2017 (radius 710 m in 2017), 3 km east of
+#: lon 8.55, lat 47.37 (the synthetic world has its own towns). The 0.05 x 0.05 degree box around it
 #: holds town, road and vegetation pixels.
-DEMO_LONLAT = (8.4925, 47.4275)
-DEMO_BBOX = (8.4675, 47.4025, 8.5175, 47.4525)
+DEMO_LONLAT = (8.5823, 47.3818)
+DEMO_BBOX = (8.5573, 47.3568, 8.6073, 47.4068)
 #: A box in the synthetic ocean: no land, nothing to map.
 OCEAN_BBOX = (-40.05, 10.0, -40.0, 10.05)
 
@@ -385,20 +385,12 @@ class _Frame:
                 f"synthetic world: the target grid in {self.crs_key} reaches outside the CRS's valid "
                 "area (coordinates do not map to longitude/latitude); use a grid inside its CRS's area"
             )
-        self.lon_cells = self._cells(self.node_lon, wrap=True)
-        self.lat_cells = self._cells(self.node_lat, wrap=False)
+        self._lon_pass = self.xpass(self.node_lon, wrap=True)
+        self._lat_pass = self.xpass(self.node_lat, wrap=False)
+        self._spacing: float | None = None
         # pixel index ranges per node cell (rows and columns are monotone in the node index)
         self.col_ranges = self._ranges(self.kx, nc - 1)
         self.row_ranges = self._ranges(self.ky, nr - 1)
-
-    @staticmethod
-    def _cells(v: np.ndarray, wrap: bool) -> tuple[np.ndarray, ...]:
-        a = v[:-1, :-1]
-        diff = _wrap180 if wrap else (lambda d: d)
-        b = diff(v[:-1, 1:] - a)
-        c = diff(v[1:, :-1] - a)
-        d = diff(v[1:, 1:] - a) - b - c
-        return a, b, c, d
 
     @staticmethod
     def _ranges(k: np.ndarray, n: int) -> np.ndarray:
@@ -414,12 +406,31 @@ class _Frame:
         out[ok, 1] = hi[ok] + 1
         return out
 
-    def _bilinear(self, cells: tuple[np.ndarray, ...], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        ky, kx = self.ky[r0:r1], self.kx[c0:c1]
-        fy = self.fy[r0:r1, None]
-        fx = self.fx[None, c0:c1]
-        a, b, c, d = (m[:, kx][ky] for m in cells)
-        return (a + fy * c) + fx * (b + fy * d)
+    def xpass(self, nodes: np.ndarray, *, wrap: bool = False, dtype: Any = np.float64):
+        """First (along x) pass of the bilinear interpolation of a node field.
+
+        Returns ``(u, du)``: ``u[r, j]`` the field on node row r at pixel column j, ``du`` the step
+        to the next node row. Both depend only on absolute node values and the pixel column, so a
+        tile and its whole grid get identical numbers.
+        """
+        a = nodes[:, self.kx]
+        d = nodes[:, self.kx + 1] - a
+        if wrap:
+            d = _wrap180(d)
+        u = a + self.fx * d
+        du = u[1:] - u[:-1]
+        if wrap:
+            du = _wrap180(du)
+        return u.astype(dtype, copy=False), du.astype(dtype, copy=False)
+
+    def ypass(self, passes, r0: int, r1: int, c0: int = 0, c1: int | None = None) -> np.ndarray:
+        """Second pass: the field at pixel rows r0:r1, columns c0:c1."""
+        u, du = passes
+        c1 = self.w if c1 is None else c1
+        ky = self.ky[r0:r1]
+        out = u[ky, c0:c1]
+        out += self.fy[r0:r1, None].astype(u.dtype) * du[ky, c0:c1]
+        return out
 
     def lonlat(self, r0: int = 0, r1: int | None = None, c0: int = 0, c1: int | None = None):
         """Longitude in [-180, 180) and latitude (float64) of pixel centres rows r0:r1, cols c0:c1."""
@@ -429,16 +440,9 @@ class _Frame:
             lon = np.broadcast_to(_wrap180(self.xs[c0:c1])[None, :], (r1 - r0, c1 - c0))
             lat = np.broadcast_to(self.ys[r0:r1, None], (r1 - r0, c1 - c0))
             return lon, lat
-        lon = _wrap180(self._bilinear(self.lon_cells, r0, r1, c0, c1))
-        lat = self._bilinear(self.lat_cells, r0, r1, c0, c1)
+        lon = _wrap180(self.ypass(self._lon_pass, r0, r1, c0, c1))
+        lat = self.ypass(self._lat_pass, r0, r1, c0, c1)
         return lon, lat
-
-    def node_field_cells(self, field: np.ndarray) -> tuple[np.ndarray, ...]:
-        return self._cells(field, wrap=False)
-
-    def interp(self, cells: tuple[np.ndarray, ...], r0: int, r1: int) -> np.ndarray:
-        """A node field interpolated to full rows r0:r1 (float32)."""
-        return self._bilinear(cells, r0, r1, 0, self.w).astype(np.float32)
 
     def lon_arc(self) -> tuple[float, float]:
         """The smallest longitude interval holding all nodes (may extend past +-180)."""
@@ -448,6 +452,11 @@ class _Frame:
 
     def node_spacing_m(self) -> float:
         """Largest ground distance between neighbouring nodes (diagonal), metres."""
+        if self._spacing is None:
+            self._spacing = self._node_spacing()
+        return self._spacing
+
+    def _node_spacing(self) -> float:
         lat = self.node_lat
         k = np.cos(np.radians(lat)) * M_PER_DEG
         ex = np.abs(_wrap180(np.diff(self.node_lon, axis=1))) * k[:, 1:]
@@ -748,7 +757,7 @@ def _render_rows(frame, cls, r0, r1, year_fields, want: set[str], out: dict[str,
     noise = _noise(np.asarray(lon), np.asarray(lat))
     veg = c == CLASS_VEGETATION
     if "s2" in want or "s1" in want:
-        vig = frame.interp(year_fields["vigour"], r0, r1)
+        vig = frame.ypass(year_fields["vigour"], r0, r1)
         vig *= veg
     if "s2" in want:
         amp = np.take(_S2_NOISE * 2, c)
@@ -773,9 +782,9 @@ def _render_rows(frame, cls, r0, r1, year_fields, want: set[str], out: dict[str,
                 out["s1"][dst, r0:r1] = x
     if "terrain" in want:
         ocean = c == CLASS_OCEAN
-        elev = frame.interp(year_fields["elev"], r0, r1)
-        ge = frame.interp(year_fields["ge"], r0, r1)
-        gn = frame.interp(year_fields["gn"], r0, r1)
+        elev = frame.ypass(year_fields["elev"], r0, r1)
+        ge = frame.ypass(year_fields["ge"], r0, r1)
+        gn = frame.ypass(year_fields["gn"], r0, r1)
         slope = np.degrees(np.arctan(np.hypot(ge, gn)))
         aspect = np.degrees(np.arctan2(-ge, -gn))
         aspect %= np.float32(360.0)
@@ -829,13 +838,15 @@ def render(
     frame = _Frame(geobox)
     cls = _class_map(frame, year)
     names = export_band_names(with_products)
-    export = np.full((len(names), frame.h, frame.w), np.nan, np.float32)
+    export = np.empty((len(names), frame.h, frame.w), np.float32)
+    for m in set(all_mods) - want:
+        export[MODALITY_SLICES[m]] = np.nan
     fields: dict[str, Any] = {}
     if want & {"s2", "s1"}:
-        fields["vigour"] = frame.node_field_cells(_vigour_nodes(frame.node_lon, frame.node_lat))
+        fields["vigour"] = frame.xpass(_vigour_nodes(frame.node_lon, frame.node_lat), dtype=np.float32)
     if "terrain" in want:
         e, ge, gn = _terrain_nodes(frame.node_lon, frame.node_lat)
-        fields["elev"], fields["ge"], fields["gn"] = (frame.node_field_cells(v) for v in (e, ge, gn))
+        fields["elev"], fields["ge"], fields["gn"] = (frame.xpass(v, dtype=np.float32) for v in (e, ge, gn))
     views = {m: export[MODALITY_SLICES[m]] for m in want if m != "products"}
     pix = want - {"products"}
     if pix:

@@ -187,7 +187,14 @@ def put_file(local: str | Path, target: str) -> None:
         return
     dest = Path(target)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(local, dest)
+    try:
+        os.replace(local, dest)
+    except OSError:  # another filesystem: copy beside the target, then rename
+        import shutil
+
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
 
 
 def remove(path: str, recursive: bool = False) -> None:

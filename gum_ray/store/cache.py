@@ -1,0 +1,186 @@
+"""The imagery cache: fetched imagery per (year, cell) on its UTM grid (DESIGN.md decision 6).
+
+Imagery is written here before inference, so a crash, a new checkpoint or a new stride never costs
+Earth Engine quota twice. Layout (``<root>`` local or ``gs://``)::
+
+    <root>/gum_imagery_cache.json           marks the folder as a gum-ray imagery cache
+    <root>/<year>/<cell_id>/                one Zarr v3 group per (year, cell):
+        s2, s1, terrain[, products]          compact integer bands (bands.encode_compact):
+                                             uint16 reflectance x 10000, int16 dB x 100,
+                                             int16 terrain (m, centi-degrees), uint8 products
+        s2_mask, s1_mask, terrain_mask       uint8 validity (1 = value present)
+        zarr.json attributes                 geobox (CRS WKT, affine, shape), provenance,
+                                             band names, "complete": true (written last)
+
+Each array is one shard (one object) of 512 px inner chunks, so a cell costs about 7 objects
+and a reader can fetch a window. ``has`` is true only once the group's attributes say
+``complete`` (written after every array), so a half-written entry is never used.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+from odc.geo.geobox import GeoBox
+
+from gum_ray import __version__
+from gum_ray.bands import decode_compact, encode_compact, export_band_names
+from gum_ray.errors import InputError
+from gum_ray.grid import Cell, geobox_from_dict, geobox_to_dict
+from gum_ray.store import fs
+
+CACHE_MARKER = "gum_imagery_cache.json"
+CACHE_VERSION = 1
+INNER_CHUNK = 512
+_PARTS = ("s2", "s2_mask", "s1", "s1_mask", "terrain", "terrain_mask", "products")
+
+
+@dataclass
+class CachedImagery:
+    """One cache entry: the GUM export (or its compact parts), its GeoBox and provenance."""
+
+    geobox: GeoBox
+    attrs: dict[str, Any]
+    parts: dict[str, np.ndarray]
+
+    @property
+    def export(self) -> np.ndarray:
+        """The float32 GUM export (bands, H, W), NaN where a modality is missing."""
+        return decode_compact(self.parts)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.attrs.get("provenance", {}))
+
+    @property
+    def with_products(self) -> bool:
+        return "products" in self.parts
+
+
+class ImageryCache:
+    """The imagery cache at ``root`` (local folder or gs://)."""
+
+    def __init__(self, root: str, *, zstd_level: int = 3):
+        self.root = fs.normalize(root)
+        self.zstd_level = zstd_level
+        marker = fs.join(self.root, CACHE_MARKER)
+        if not fs.exists(marker):
+            if not fs.is_remote(self.root) and fs.exists(self.root) and fs.list_names(self.root):
+                raise InputError(
+                    f"{self.root} is not empty and not a gum-ray imagery cache (no {CACHE_MARKER}); "
+                    f"give an empty or new folder for the cache"
+                )
+            fs.create_only(marker, json.dumps({"format": "gum-ray-imagery-cache", "version": CACHE_VERSION}).encode())
+
+    def path(self, year: int, cell: Cell) -> str:
+        return fs.join(self.root, str(int(year)), cell.id)
+
+    def _group(self, year: int, cell: Cell, mode: str) -> Any:
+        import zarr
+
+        store = fs.zarr_store(self.path(year, cell), read_only=(mode == "r"))
+        return zarr.open_group(store, mode=mode, zarr_format=3)
+
+    def has(self, year: int, cell: Cell) -> bool:
+        """True when a complete entry for (year, cell) is cached."""
+        try:
+            meta = json.loads(fs.read_bytes(fs.join(self.path(year, cell), "zarr.json")))
+        except FileNotFoundError:
+            return False
+        return bool(meta.get("attributes", {}).get("complete"))
+
+    def cells(self, year: int) -> list[str]:
+        """Ids of cells with an entry (complete or not) for ``year``."""
+        return [n for n in fs.list_names(fs.join(self.root, str(int(year)))) if n.startswith("r")]
+
+    def put(
+        self,
+        year: int,
+        cell: Cell,
+        export: np.ndarray,
+        geobox: GeoBox,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Cache the GUM export (11 or 14 bands, H, W float; NaN = missing) of (year, cell).
+
+        Stored as the compact encodings of :func:`gum_ray.bands.encode_compact`; ``geobox`` is the
+        UTM grid the export is on (``cell.utm_geobox()``). Overwrites a previous entry.
+        """
+        export = np.asarray(export)
+        if export.ndim != 3:
+            raise InputError(f"imagery for cell {cell.id}: expected (bands, H, W), got shape {export.shape}")
+        names = export_band_names(export.shape[0] == 14)
+        if export.shape[0] not in (11, 14):
+            raise InputError(f"imagery for cell {cell.id}: {export.shape[0]} bands; a GUM export has 11 or 14")
+        h, w = export.shape[1:]
+        if (h, w) != (geobox.shape.y, geobox.shape.x):
+            raise InputError(
+                f"imagery for cell {cell.id}: shape {(h, w)} does not match its GeoBox {tuple(geobox.shape)}"
+            )
+        parts = encode_compact(export)
+        self.put_compact(year, cell, parts, geobox, provenance, band_names=list(names))
+
+    def put_compact(
+        self,
+        year: int,
+        cell: Cell,
+        parts: Mapping[str, np.ndarray],
+        geobox: GeoBox,
+        provenance: Mapping[str, Any] | None = None,
+        *,
+        band_names: list[str] | None = None,
+    ) -> None:
+        """Cache already-encoded compact parts (what the Earth Engine source receives on the wire)."""
+        from zarr.codecs import ZstdCodec
+
+        missing = {"s2", "s2_mask", "s1", "s1_mask", "terrain", "terrain_mask"} - set(parts)
+        if missing:
+            raise InputError(f"imagery for cell {cell.id}: compact parts {sorted(missing)} are missing")
+        if band_names is None:
+            band_names = list(export_band_names("products" in parts))
+        g = self._group(year, cell, "w")
+        for name in _PARTS:
+            if name not in parts:
+                continue
+            arr = np.ascontiguousarray(parts[name])
+            nb, h, w = arr.shape
+            ch = (nb, min(INNER_CHUNK, h), min(INNER_CHUNK, w))
+            shard = (nb, -(-h // ch[1]) * ch[1], -(-w // ch[2]) * ch[2])
+            z = g.create_array(
+                name, shape=arr.shape, dtype=arr.dtype, chunks=ch, shards=shard,
+                fill_value=0, compressors=[ZstdCodec(level=self.zstd_level)],
+                dimension_names=["band", "y", "x"],
+            )
+            z[...] = arr
+        g.attrs.update(
+            {
+                "year": int(year),
+                "cell_id": cell.id,
+                "geobox": geobox_to_dict(geobox),
+                "band_names": band_names,
+                "encoding": "gum_ray.bands.encode_compact",
+                "provenance": json.loads(json.dumps(dict(provenance or {}), default=str)),
+                "software_version": __version__,
+                "cached_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "complete": True,
+            }
+        )
+
+    def get(self, year: int, cell: Cell) -> CachedImagery:
+        """The cached entry of (year, cell); :class:`InputError` if it is not cached (completely)."""
+        if not self.has(year, cell):
+            raise InputError(
+                f"imagery for year {year}, cell {cell.id} is not in the cache {self.root}; fetch it first"
+            )
+        g = self._group(year, cell, "r")
+        attrs = dict(g.attrs)
+        parts = {name: np.asarray(g[name][...]) for name in _PARTS if name in g}
+        return CachedImagery(geobox=geobox_from_dict(attrs["geobox"]), attrs=attrs, parts=parts)
+
+    def delete(self, year: int, cell: Cell) -> None:
+        """Remove the entry of (year, cell) (e.g. to refetch it)."""
+        fs.remove(self.path(year, cell), recursive=True)

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Inference speed, side by side in one run, on the same image and the same (random) GUM weights.
+
+  (a)  the seed notebook's path: mmseg init_model + test_step([tensor]), slide 256/256, batch 1, fp32
+  (b)  gum-ray at the seed's settings (stride 256, no window, logits averaged, fp32, NCHW):
+       bit-exact with (a), so the same kernels; batched
+  (b') gum-ray, the seed's crop geometry (stride 256) with mixed precision + channels_last
+  (c)  gum-ray at its defaults (stride 192, Hann-blended probabilities, precision auto)
+  (f)  the batched forward alone (random crops, batch --forward-batch, mixed precision): the
+       engine's ceiling, and the number the GPU MFU goal is about
+
+Mpx/s counts image pixels per second (crops overlap, so crop pixels are more). MFU = model FLOPs
+(1.51 MFLOP per crop pixel) per second / peak: on CUDA the nominal dense peak of the device for the
+precision; on the CPU the measured rate of a large GEMM in the same precision (a practical peak).
+
+    .venv/bin/python tools/bench_infer.py                     # CPU, the Aberystwyth scene
+    .venv/bin/python tools/bench_infer.py --device cuda       # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gum_ray import bands  # noqa: E402
+from gum_ray.export_io import open_export  # noqa: E402
+from gum_ray.inference import (CROP, InferenceEngine, InferenceSettings, crop_starts,  # noqa: E402
+                               flops_per_crop, resolve_precision)
+from gum_ray.model import CONFIG_DIR, GUM_10, load_checkpoint, random_checkpoint  # noqa: E402
+
+DEFAULT_IMAGE = REPO.parent / "shared" / "realdata" / "aberystwyth_2021-05-27_gum11.tif"
+# nominal dense tensor-core peaks, FLOP/s
+CUDA_PEAKS = {"H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+              "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+              "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}}
+
+
+def gemm_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in CUDA_PEAKS.items():
+            if key in name:
+                return peaks[precision], f"{key} nominal dense {precision}"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        return gemm_peak(device, dtype, 8192), f"measured {precision} GEMM"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(precision, torch.float32)
+    return gemm_peak(device, dtype), f"measured {precision} GEMM on {torch.get_num_threads()} threads"
+
+
+def run_seed(config: str, ckpt: str, export: np.ndarray, device: str) -> tuple[float, np.ndarray]:
+    from mmseg.apis import init_model
+
+    model = init_model(config, ckpt, device=device)
+    t = time.perf_counter()
+    x = torch.from_numpy(bands.preprocess(export))[None]
+    with torch.no_grad():
+        result = model.test_step([x])
+    label = result[0].pred_sem_seg.data[0].cpu().numpy()
+    sync(torch.device(device))
+    return time.perf_counter() - t, label
+
+
+def run_engine(model, settings: InferenceSettings, export: np.ndarray):
+    engine = InferenceEngine(model, settings)
+    # warm-up on one crop (kernels, autocast caches); not timed, as the seed's model init is not
+    engine.predict(bands.preprocess(export[:, :CROP, :CROP]))
+    t = time.perf_counter()
+    pred = engine.predict(bands.preprocess(export))
+    sync(engine.device)
+    return time.perf_counter() - t, pred, engine
+
+
+def run_forward(model, device: str, batch: int, iters: int, precision: str, compile_: bool):
+    settings = InferenceSettings(device=device, batch_size=batch, precision=precision, compile=compile_)
+    engine = InferenceEngine(model, settings)
+    crops = np.random.default_rng(0).uniform(0, 1, (batch, engine.in_channels, CROP, CROP)).astype(np.float32)
+    for _ in range(2):
+        engine._run_batch(crops)
+    sync(engine.device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        engine._run_batch(crops)
+    sync(engine.device)
+    return (time.perf_counter() - t) / iters, engine
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--image", default=str(DEFAULT_IMAGE), help="a GUM export GeoTIFF")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--forward-batch", type=int, default=None, help="batch for (f); default 8 on CPU, 64 on GPU")
+    ap.add_argument("--forward-iters", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="torch.compile in (c) and (f)")
+    ap.add_argument("--repeats", type=int, default=1, help="best of N for (a) and (b)")
+    args = ap.parse_args()
+
+    image = Path(args.image)
+    if not image.exists():
+        print(f"bench_infer: image {image} not found (pass --image)", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    with open_export(image) as src:
+        export = src.read_rows(0, src.height)
+    h, w = export.shape[1:]
+    x = bands.preprocess(export)
+    tmp = Path(tempfile.mkdtemp())
+    ckpt = tmp / "gum_random.pth"
+    random_checkpoint(ckpt, GUM_10, seed=11, calibrate_on=x)
+    loaded = load_checkpoint(ckpt)
+    model = loaded.model
+    fpc = flops_per_crop(model)
+    mixed = "bf16" if resolve_precision("auto", device) in (torch.bfloat16, None) else "fp16"
+    if device.type == "cpu" and resolve_precision("auto", device) is None:
+        mixed = "fp32"
+    rows = []
+
+    seed_cfg = str(CONFIG_DIR / "gum_unet_psp.py")
+    n_seed = len(crop_starts(h, 256)) * len(crop_starts(w, 256))
+    best_a = best_b = float("inf")
+    for _ in range(args.repeats):
+        ta, ref = run_seed(seed_cfg, str(ckpt), export, args.device)
+        best_a = min(best_a, ta)
+        tb, pred_b, _ = run_engine(model, InferenceSettings.seed(device=args.device, batch_size=args.batch_size), export)
+        best_b = min(best_b, tb)
+    mismatch = int((pred_b.label != ref).sum())
+    rows.append(("(a) seed path (mmseg test_step, 256/256, batch 1, fp32)", best_a, n_seed, "fp32", "-"))
+    rows.append((f"(b) gum-ray seed settings (fp32 NCHW, batch {args.batch_size})", best_b, n_seed, "fp32",
+                 f"{mismatch} px differ from (a)"))
+    tb2, pred_b2, _ = run_engine(model, InferenceSettings(stride=256, window="none", merge="logits", device=args.device,
+                                                          batch_size=args.batch_size, precision="auto"), export)
+    rows.append((f"(b') seed geometry, {mixed} autocast + channels_last, batch {args.batch_size}", tb2, n_seed, mixed,
+                 f"{int((pred_b2.label != ref).sum())} px differ from (a)"))
+    tc, pred_c, eng_c = run_engine(model, InferenceSettings(device=args.device, batch_size=args.batch_size,
+                                                            compile=args.compile), export)
+    n_c = eng_c.crops_run - 1
+    rows.append((f"(c) gum-ray defaults (stride {eng_c.settings.stride}, hann, {mixed}, batch {args.batch_size})",
+                 tc, n_c, mixed, "-"))
+
+    fb = args.forward_batch or (64 if device.type == "cuda" else 8)
+    iters = args.forward_iters or (50 if device.type == "cuda" else 2)
+    tf, _ = run_forward(model, args.device, fb, iters, "auto", args.compile)
+    peaks = {p: peak_flops(device, p) for p in {"fp32", mixed}}
+
+    print(f"# bench_infer  {time.strftime('%Y-%m-%d')}  device: "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'} "
+          f"({torch.get_num_threads()} threads)  torch {torch.__version__}")
+    print(f"# image {image.name}: {w} x {h} px = {h * w / 1e6:.3f} Mpx; GUM network {fpc / 1e9:.1f} GFLOP "
+          f"per 256 x 256 crop ({fpc / CROP**2 / 1e6:.2f} MFLOP/px); peaks: "
+          + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s ({how})" for p, (v, how) in peaks.items()))
+    print(f"{'path':<66} {'crops':>5} {'s':>7} {'Mpx/s':>8} {'x (a)':>6} {'MFU':>6}  check")
+    for name, t, crops, prec, check in rows:
+        mfu = crops * fpc / t / peaks[prec][0]
+        print(f"{name:<66} {crops:>5} {t:>7.2f} {h * w / t / 1e6:>8.3f} {best_a / t:>6.2f} {mfu:>6.1%}  {check}")
+    crop_rate = fb / tf
+    mfu_f = crop_rate * fpc / peaks[mixed][0]
+    print(f"{f'(f) batched forward, batch {fb}, {mixed}' + (' compiled' if args.compile else ''):<66} "
+          f"{fb:>5} {tf:>7.3f} {crop_rate * CROP**2 / 1e6:>8.3f} {'':>6} {mfu_f:>6.1%}  crop-Mpx/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
