@@ -18,6 +18,12 @@ from gum_ray.errors import GumError
 # subcommand name -> module under gum_ray.commands (imported lazily: `gum --help` stays fast)
 COMMANDS = {
     "predict": "predict",
+    "export": "export",
+    "stats": "stats",
+    "preview": "preview",
+    "map": "map",
+    "plan": "plan",
+    "status": "status",
 }
 
 

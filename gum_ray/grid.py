@@ -136,19 +136,39 @@ def pixel_index(lon: float, lat: float) -> tuple[int, int]:
 
 def pixel_center(iy: int, ix: int) -> tuple[float, float]:
     """(lon, lat) of the centre of the global pixel (iy, ix)."""
-    return -180.0 + (ix + 0.5) / PIXELS_PER_DEGREE, 90.0 - (iy + 0.5) / PIXELS_PER_DEGREE
+    return col_lon(ix + 0.5), row_lat(iy + 0.5)
+
+
+# Coordinates are computed as (integer pixel offset) / 12000 so that they are correctly rounded
+# decimals (13.3, not 13.300000000000011); 1/12000 itself is not a binary fraction.
+
+
+def col_lon(col: float, step: int = 1) -> float:
+    """Longitude of the west edge of global column ``col`` at pyramid ``step``."""
+    return (col * step - 180 * PIXELS_PER_DEGREE) / PIXELS_PER_DEGREE
+
+
+def row_lat(row: float, step: int = 1) -> float:
+    """Latitude of the north edge of global row ``row`` at pyramid ``step``."""
+    return (90 * PIXELS_PER_DEGREE - row * step) / PIXELS_PER_DEGREE
+
+
+def window_transform(rows: slice, cols: slice, step: int = 1) -> Affine:
+    """Affine of a global pixel window at pyramid ``step`` (north-up, EPSG:4326)."""
+    res = step / PIXELS_PER_DEGREE
+    return Affine(res, 0.0, col_lon(cols.start, step), 0.0, -res, row_lat(rows.start, step))
 
 
 def x_coords(start: int, stop: int, step: int = 1) -> np.ndarray:
     """Longitudes of pixel centres for global columns [start, stop) at a pyramid step (1, 2, 4...)."""
     i = np.arange(start, stop, dtype=np.float64)
-    return -180.0 + (i + 0.5) * step / PIXELS_PER_DEGREE
+    return ((i + 0.5) * step - 180 * PIXELS_PER_DEGREE) / PIXELS_PER_DEGREE
 
 
 def y_coords(start: int, stop: int, step: int = 1) -> np.ndarray:
     """Latitudes of pixel centres for global rows [start, stop) at a pyramid step (1, 2, 4...)."""
     i = np.arange(start, stop, dtype=np.float64)
-    return 90.0 - (i + 0.5) * step / PIXELS_PER_DEGREE
+    return (90 * PIXELS_PER_DEGREE - (i + 0.5) * step) / PIXELS_PER_DEGREE
 
 
 def _authalic_integral(lat_deg: np.ndarray) -> np.ndarray:
@@ -214,11 +234,9 @@ class Cell:
     def bounds(self) -> tuple[float, float, float, float]:
         """(west, south, east, north) in degrees, exact multiples of the pixel size."""
         n = self.grid.cell_px
-        west = -180.0 + self.col * n / PIXELS_PER_DEGREE
-        east = -180.0 + (self.col + 1) * n / PIXELS_PER_DEGREE
-        north = 90.0 - self.row * n / PIXELS_PER_DEGREE
-        south = 90.0 - (self.row + 1) * n / PIXELS_PER_DEGREE
-        return west, south, east, north
+        return (
+            col_lon(self.col * n), row_lat((self.row + 1) * n), col_lon((self.col + 1) * n), row_lat(self.row * n)
+        )
 
     @property
     def center(self) -> tuple[float, float]:
@@ -327,11 +345,11 @@ class AOI:
         return w, min(s0, s1), e, max(n0, n1)
 
     def area_km2(self) -> float:
-        """Geodesic area on WGS84 (km^2)."""
+        """Area on WGS84 (km^2), edges followed as drawn in lon/lat (densified to 0.01 degree)."""
         from pyproj import Geod
 
         geod = Geod(ellps="WGS84")
-        return abs(sum(geod.geometry_area_perimeter(p)[0] for p in self.parts)) / 1e6
+        return sum(abs(geod.geometry_area_perimeter(shapely.segmentize(p, 0.01))[0]) for p in self.parts) / 1e6
 
     def to_geojson(self) -> dict[str, Any]:
         return mapping(self.geometry)
@@ -595,9 +613,7 @@ def cells_for_aoi(aoi: AOI | Sequence[float], grid: ProductGrid = DEFAULT_GRID) 
             continue
         rr, cc = np.meshgrid(np.array(rows), np.array(cols), indexing="ij")
         rr, cc = rr.ravel(), cc.ravel()
-        west = -180.0 + cc * n / PIXELS_PER_DEGREE
-        north = 90.0 - rr * n / PIXELS_PER_DEGREE
-        boxes = shapely.box(west, north - n / PIXELS_PER_DEGREE, west + n / PIXELS_PER_DEGREE, north)
+        boxes = shapely.box(col_lon(cc * n), row_lat((rr + 1) * n), col_lon((cc + 1) * n), row_lat(rr * n))
         shapely.prepare(part)
         hit = shapely.intersects(part, boxes) & ~shapely.touches(part, boxes)
         for r, c in zip(rr[hit], cc[hit]):
@@ -644,3 +660,28 @@ def aoi_sides(aoi: AOI) -> list[tuple[float, float, float, float]]:
         else:
             (east if p.centroid.x > 0 else west).append(p)
     return [tuple(unary_union(ps).bounds) for ps in (east, west) if ps]  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+
+def add_aoi_arguments(parser: Any, *, bbox_help: str = "area of interest in degrees") -> None:
+    """Add ``--bbox W S E N`` / ``--aoi FILE`` / ``--antimeridian`` to an argparse parser."""
+    g = parser.add_argument_group("area of interest (one of --bbox, --aoi)")
+    g.add_argument(
+        "--bbox", nargs=4, type=float, metavar=("W", "S", "E", "N"),
+        help=f"{bbox_help}: west south east north (EPSG:4326)",
+    )
+    g.add_argument("--aoi", metavar="GEOJSON", help="a GeoJSON file with a Polygon or MultiPolygon (lon/lat)")
+    g.add_argument(
+        "--antimeridian", action="store_true",
+        help="the --bbox crosses 180 degrees on purpose (then W > E)",
+    )
+
+
+def aoi_from_args(args: Any) -> AOI:
+    """The AOI named by ``--bbox`` / ``--aoi`` / ``--antimeridian``."""
+    return parse_aoi(
+        bbox=getattr(args, "bbox", None), geojson=getattr(args, "aoi", None),
+        antimeridian=bool(getattr(args, "antimeridian", False)),
+    )

@@ -23,7 +23,7 @@ import numpy as np
 
 from gum_ray import __version__
 from gum_ray.errors import InputError
-from gum_ray.grid import AOI, PIXEL_DEG, PRODUCT_CRS, aoi_windows
+from gum_ray.grid import AOI, PRODUCT_CRS, aoi_windows, window_transform
 from gum_ray.store import fs
 from gum_ray.store.product import NODATA, ProductStore
 
@@ -88,12 +88,11 @@ def export_cog(
     if not overwrite and fs.exists(out):
         raise InputError(f"output {out} exists; remove it or allow overwriting")
     step = 2**level
-    res = PIXEL_DEG * step
     windows = aoi_windows(aoi, step)
     height = windows[0][0].stop - windows[0][0].start
     width = sum(c.stop - c.start for _, c in windows)
     rows0, cols0 = windows[0]
-    transform = Affine(res, 0.0, -180.0 + cols0.start * res, 0.0, -res, 90.0 - rows0.start * res)
+    transform = window_transform(rows0, cols0, step)
     if height * width > 2**34:
         raise InputError(
             f"export of {width} x {height} px is too large for one GeoTIFF; use a smaller area or "
@@ -123,7 +122,7 @@ def export_cog(
                     sub = slice(rows.start + r, rows.start + r + nrows)
                     block = p.read_window(year, sub, cols, level)
                     if mask_geoms is not None:
-                        bt = transform * Affine.translation(x_off, r)
+                        bt = transform @ Affine.translation(x_off, r)
                         outside = geometry_mask(mask_geoms, block.shape, bt, all_touched=False)
                         block = np.where(outside, NODATA, block).astype(np.uint8)
                     valid_px += int((block != NODATA).sum())
@@ -133,10 +132,10 @@ def export_cog(
             dst.update_tags(
                 1, units="percent", year=str(year), nodata_meaning="no data",
             )
-        profile = dict(cog_profiles.get("zstd"))
-        profile.update({"blockxsize": BLOCK, "blockysize": BLOCK, "BIGTIFF": "IF_SAFER"})
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Non-standard compression schema.*")
+            profile = dict(cog_profiles.get("zstd"))
+            profile.update({"blockxsize": BLOCK, "blockysize": BLOCK, "BIGTIFF": "IF_SAFER"})
             cog_translate(
                 tmp_src.name,
                 tmp_dst.name,

@@ -52,6 +52,7 @@ from gum_ray.grid import (
     aoi_windows,
     cells_for_aoi,
     pixel_area_rows,
+    window_transform,
     x_coords,
     y_coords,
 )
@@ -137,7 +138,7 @@ class CellWriteResult:
 
 
 def encode_probability(probability: np.ndarray, floor: int = DEFAULT_PROB_FLOOR) -> np.ndarray:
-    """P(urban) -> stored uint8: percent 0-100, 255 no data, values below ``floor`` % set to 0.
+    """P(urban) -> stored uint8: percent 0-100, 255 no data, probabilities below ``floor`` % set to 0.
 
     Accepts float arrays in [0, 1] with NaN for no data (values within 0.001 outside [0, 1], e.g.
     from bilinear warping, are clipped), or uint8 percent with 255 for no data.
@@ -159,7 +160,8 @@ def encode_probability(probability: np.ndarray, floor: int = DEFAULT_PROB_FLOOR)
                 f"probability (float): values run {float(vals.min()):g}..{float(vals.max()):g}; a float "
                 f"probability must lie in [0, 1] (NaN = no data); pass percent as uint8"
             )
-        pct = np.floor(np.clip(np.where(finite, p, 0.0), 0.0, 1.0) * 100.0 + 0.5)
+        raw = np.clip(np.where(finite, p, 0.0), 0.0, 1.0) * 100.0
+        pct = np.where(raw < floor, 0.0, np.floor(raw + 0.5))  # the floor applies before rounding
         out = np.where(finite, pct, NODATA).astype(np.uint8)
     else:
         raise InputError(f"probability: dtype {p.dtype} is not float (0-1) or uint8 (percent)")
@@ -551,17 +553,12 @@ class ProductStore:
         A window that crosses the antimeridian is returned as one raster running east across 180
         (longitudes beyond 180 in the transform).
         """
-        from affine import Affine
-
         self._check_level(level)
         step = 2**level
-        res = PIXEL_DEG * step
         windows = aoi_windows(aoi, step)
         parts = [self.read_window(year, r, c, level) for r, c in windows]
-        rows, cols = windows[0]
         data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-        transform = Affine(res, 0.0, -180.0 + cols.start * res, 0.0, -res, 90.0 - rows.start * res)
-        return data, transform
+        return data, window_transform(*windows[0], step)
 
     # ---- overviews
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gum_ray.errors import InputError
-from gum_ray.grid import AOI, PIXEL_DEG, aoi_windows, cells_for_aoi
+from gum_ray.grid import AOI, aoi_windows, cells_for_aoi, window_transform
 from gum_ray.store.product import NODATA, URBAN_THRESHOLD, ProductStore
 
 
@@ -49,14 +49,11 @@ def _block_sums(
     threshold: int,
 ) -> np.ndarray:
     """(n_years, 4) float64: urban m^2, mapped m^2, AOI m^2, sum of prob x area for one block."""
-    from affine import Affine
     from rasterio.features import geometry_mask
 
-    step = 2**level
-    res = PIXEL_DEG * step
     h, w = rows.stop - rows.start, cols.stop - cols.start
     if geoms is not None:
-        t = Affine(res, 0.0, -180.0 + cols.start * res, 0.0, -res, 90.0 - rows.start * res)
+        t = window_transform(rows, cols, 2**level)
         inside = ~geometry_mask(geoms, (h, w), t, all_touched=False)
     else:
         inside = np.ones((h, w), dtype=bool)
@@ -130,10 +127,10 @@ def urban_area(
         out.append(
             YearStats(
                 year=int(y),
-                urban_km2=urban / 1e6,
-                mapped_km2=mapped / 1e6,
-                aoi_km2=aoi_m2 / 1e6,
-                mean_probability=prob_area / mapped if mapped else float("nan"),
+                urban_km2=float(urban) / 1e6,
+                mapped_km2=float(mapped) / 1e6,
+                aoi_km2=float(aoi_m2) / 1e6,
+                mean_probability=float(prob_area / mapped) if mapped else float("nan"),
             )
         )
     return out

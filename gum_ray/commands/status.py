@@ -1,0 +1,54 @@
+"""``gum status PRODUCT``: done / set aside / remaining per year, with the errors of set-aside cells."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("status", help="progress of the mapping runs of a product",
+                       description="Per year: cells done, set aside (with their last error), retrying, "
+                       "and remaining of the AOI of the latest run.")
+    p.add_argument("product", help="the product (local folder or gs://...)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from gum_ray.grid import AOI, cells_for_aoi
+    from gum_ray.store import fs
+    from gum_ray.store.manifest import Manifest
+    from gum_ray.store.product import ProductStore
+
+    product = ProductStore.open(args.product)
+    manifest = Manifest(product.root, product.grid)
+    runs_dir = fs.join(product.root, "_manifest", "runs")
+    runs = sorted(fs.list_names(runs_dir)) if fs.exists(runs_dir) else []
+    latest = None
+    if runs:
+        recs = [json.loads(fs.read_bytes(fs.join(runs_dir, r))) for r in runs]
+        latest = max(recs, key=lambda r: r.get("started", ""))
+    cells = None
+    max_attempts = 3
+    if latest:
+        cells = cells_for_aoi(AOI.from_geojson(latest["aoi"]), product.grid)
+        max_attempts = int(latest.get("max_attempts", 3))
+    report = {}
+    for year in product.years:
+        st = manifest.status(year, cells, max_attempts=max_attempts)
+        fails = manifest.failures(year)
+        aside = {cid: recs[-1].error for cid, recs in fails.items()
+                 if len(recs) >= max_attempts and not manifest.is_done(year, cid)}
+        report[year] = {**st, "errors": aside}
+    if args.json:
+        print(json.dumps({"product": product.root, "latest_run": latest and latest["run_id"],
+                          "years": report}, indent=1))
+        return 0
+    print(f"{product.root}" + (f" (latest run {latest['run_id']}, started {latest['started']})" if latest else ""))
+    for year, st in report.items():
+        rem = f", {st['pending']} remaining of {st['total']}" if "pending" in st else ""
+        print(f"  {year}: {st['done']} done, {st['set_aside']} set aside, {st['retrying']} retrying{rem}")
+        for cid, err in sorted(st["errors"].items()):
+            print(f"    set aside {cid}: {err}")
+    return 0

@@ -1,0 +1,92 @@
+"""What a mapping job is: AOI, years, source, model, stores and settings, in one picklable record.
+
+The same :class:`MapJob` drives ``gum map`` (CLI), ``pipelines/continental.py`` (``ray job submit``)
+and ``gum plan``; every Ray stage receives it once (``ray.put``) and builds what it needs lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from gum_ray.errors import InputError
+from gum_ray.grid import AOI, DEFAULT_HALO_PX, Cell, ProductGrid
+from gum_ray.inference import InferenceSettings
+
+DEFAULT_DATA_DIR = "gum-data"
+
+
+@dataclasses.dataclass(frozen=True)
+class MapJob:
+    aoi: AOI
+    years: tuple[int, ...]
+    product: str
+    cache: str
+    source: str = "synthetic"
+    source_options: tuple[tuple[str, Any], ...] = ()
+    checkpoint: str | None = None
+    inference: InferenceSettings = dataclasses.field(default_factory=InferenceSettings)
+    grid: ProductGrid = dataclasses.field(default_factory=ProductGrid)
+    halo_px: int = DEFAULT_HALO_PX
+    max_attempts: int = 3
+    infer_actors: int | None = None  # None: one per GPU, else one CPU actor
+    fetch_concurrency: int = 2
+    write_concurrency: int = 2
+    threads_per_actor: int | None = None
+    lease_ttl_s: float = 60.0
+    preview: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.years:
+            raise InputError("no year given: pass --year (one or more), e.g. --year 2020")
+        if self.max_attempts < 1:
+            raise InputError(f"--max-attempts {self.max_attempts}: must be at least 1")
+        if self.halo_px < 0:
+            raise InputError(f"--halo {self.halo_px}: must be >= 0 px")
+        for name in ("fetch_concurrency", "write_concurrency"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+
+    def source_kwargs(self) -> dict[str, Any]:
+        return dict(self.source_options)
+
+    def make_source(self):
+        from gum_ray.sources import get_source
+
+        return get_source(self.source, **self.source_kwargs())
+
+    def cell(self, row: int, col: int) -> Cell:
+        return Cell(row, col, self.grid)
+
+    def resolved_checkpoint(self) -> str:
+        """The checkpoint to use: the given one, or the demo model for the synthetic world."""
+        if self.checkpoint:
+            return self.checkpoint
+        if self.source == "synthetic":
+            from gum_ray.demo_model import ensure_demo_model
+
+            return str(ensure_demo_model())
+        raise InputError(
+            f"--checkpoint is required with the {self.source!r} source (the GUM checkpoint, "
+            "stage2.pth); only the synthetic world has a built-in demo model"
+        )
+
+    def settings_record(self) -> dict[str, Any]:
+        """What decides the output bytes: recorded in every commit marker."""
+        return {
+            "inference": self.inference.as_dict(),
+            "grid": self.grid.to_attrs(),
+            "halo_px": self.halo_px,
+            "source": self.source,
+            "source_options": {k: v for k, v in self.source_options if "credential" not in k.lower()},
+        }
+
+
+def default_paths(data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> tuple[str, str]:
+    """(product, cache) under a data folder: the embedded defaults (local storage)."""
+    d = str(data_dir)
+    if "://" in d:
+        return d.rstrip("/") + "/product.zarr", d.rstrip("/") + "/imagery-cache"
+    return str(Path(d) / "product.zarr"), str(Path(d) / "imagery-cache")

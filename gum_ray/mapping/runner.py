@@ -1,0 +1,371 @@
+"""Run a mapping job on Ray: fetch (CPU tasks) -> inference (model actors) -> write (CPU tasks).
+
+The three stages run at the same time. Each has a bounded number of items in flight, so memory is
+bounded whatever the AOI: at most ``fetch_concurrency`` fetches, two cells queued per inference
+actor, ``write_concurrency`` writes. Scheduling, placement, data movement and worker failure are
+Ray's (remote tasks, actors, ``ray.wait``); the driver only keeps the queues bounded and the books.
+
+Resume is the manifest: committed cells are skipped; a failed cell is retried up to
+``max_attempts`` times (each failure recorded with its error), then set aside while the run goes on.
+One run at a time writes a product: a lease object with a heartbeat keeps a second run out while the
+first is alive; a killed run's lease expires after ``lease_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from gum_ray.errors import GumError, InputError
+from gum_ray.grid import Cell, cells_for_aoi, pixel_area_rows
+from gum_ray.mapping.job import MapJob
+from gum_ray.mapping.stages import CellPredictor, fetch_cell, write_cell
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+def cell_km2(cell: Cell) -> float:
+    ys = cell.y_slice
+    return float(pixel_area_rows(ys.start, ys.stop).astype("float64").sum() * cell.grid.cell_px / 1e6)
+
+
+def plan_cells(job: MapJob) -> list[Cell]:
+    """The product cells that touch the AOI and can hold data (the synthetic ocean is skipped)."""
+    cells = cells_for_aoi(job.aoi, job.grid)
+    if job.source == "synthetic":
+        import numpy as np
+
+        from gum_ray.sources.synthetic import is_land
+
+        keep = []
+        for c in cells:
+            w, s, e, n = c.bounds
+            lon, lat = np.meshgrid(np.linspace(w, e, 9), np.linspace(s, n, 9))
+            if np.asarray(is_land(lon, lat)).any():
+                keep.append(c)
+        cells = keep
+    if not cells:
+        raise InputError(
+            f"nothing to map: the AOI {tuple(round(v, 5) for v in job.aoi.bounds)} has no land for "
+            f"the {job.source} source (all its cells are ocean); check the coordinates (lon, lat order)"
+        )
+    return cells
+
+
+# ------------------------------------------------------------------------------------ the lease
+
+
+class RunLease:
+    """One writer per product: a create-only lease object with a heartbeat."""
+
+    def __init__(self, product: str, ttl_s: float):
+        from gum_ray.store import fs
+
+        self.fs = fs
+        self.path = fs.join(product, "_manifest", "lease.json")
+        self.ttl_s = ttl_s
+        self.run_id = uuid.uuid4().hex[:12]
+        self.last_beat = 0.0
+
+    def _record(self) -> bytes:
+        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                           "heartbeat": time.time(), "ttl_s": self.ttl_s}).encode()
+
+    def acquire(self) -> None:
+        if self.fs.create_only(self.path, self._record()):
+            self.last_beat = time.time()
+            return
+        try:
+            other = json.loads(self.fs.read_bytes(self.path))
+        except (FileNotFoundError, ValueError):
+            other = {}
+        age = time.time() - float(other.get("heartbeat", 0))
+        if age < float(other.get("ttl_s", self.ttl_s)):
+            raise GumError(
+                f"another run ({other.get('run_id')}, host {other.get('host')}, pid {other.get('pid')}) "
+                f"is writing this product (heartbeat {age:.0f} s ago). Wait for it to finish; if it "
+                f"died, its lease expires {float(other.get('ttl_s', self.ttl_s)) - age:.0f} s from now"
+            )
+        log.warning("taking over the expired lease of run %s (%.0f s old)", other.get("run_id"), age)
+        self.fs.remove(self.path)
+        if not self.fs.create_only(self.path, self._record()):
+            raise GumError("another run took the product's lease at the same moment; try again")
+        self.last_beat = time.time()
+
+    def beat(self) -> None:
+        if time.time() - self.last_beat > min(10.0, self.ttl_s / 3):
+            self.fs.write_bytes(self.path, self._record())
+            self.last_beat = time.time()
+
+    def release(self) -> None:
+        try:
+            self.fs.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+@dataclasses.dataclass
+class Summary:
+    planned: int = 0
+    skipped: int = 0
+    done: int = 0
+    empty: int = 0
+    set_aside: int = 0
+    retried: int = 0
+    km2: float = 0.0
+    urban_km2_px: int = 0
+    wall_s: float = 0.0
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def km2_per_s(self) -> float:
+        return self.km2 / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["km2_per_s"] = self.km2_per_s
+        return d
+
+
+class Progress:
+    """A live line for humans (stderr, when a terminal) and JSON lines for job logs (stdout)."""
+
+    def __init__(self, total: int, *, live: bool | None = None, log_every_s: float = 10.0):
+        self.total = total
+        self.live = sys.stderr.isatty() if live is None else live
+        self.log_every_s = log_every_s
+        self.t0 = time.time()
+        self.last_log = 0.0
+        self.bar = None
+        if self.live:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="cell", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, s: Summary, in_flight: dict[str, int], force: bool = False) -> None:
+        elapsed = max(time.time() - self.t0, 1e-9)
+        finished = s.done + s.set_aside
+        rate = s.km2 / elapsed
+        eta = (self.total - finished) * elapsed / finished if finished else float("nan")
+        if self.bar is not None:
+            self.bar.n = finished
+            self.bar.set_postfix_str(
+                f"{rate:.2f} km²/s, fetch {in_flight['fetch']} infer {in_flight['infer']} "
+                f"write {in_flight['write']}, failures {s.retried + s.set_aside}", refresh=True)
+        if force or time.time() - self.last_log >= self.log_every_s:
+            self.last_log = time.time()
+            print(json.dumps({"event": "progress", "cells_total": self.total, "cells_done": s.done,
+                              "cells_set_aside": s.set_aside, "retries": s.retried,
+                              "km2": round(s.km2, 3), "km2_per_s": round(rate, 4),
+                              "eta_s": None if eta != eta else round(eta, 1),
+                              "in_flight": in_flight, "elapsed_s": round(elapsed, 1)}), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------ Ray
+
+
+def connect_ray(address: str | None, job: MapJob) -> None:
+    """Join the Ray cluster at ``address`` (or the job's, under ``ray job submit``), else start one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False,
+                              "runtime_env": {"env_vars": {k: v for k, v in os.environ.items()
+                                                           if k.startswith(("GUM_", "STORAGE_EMULATOR"))}}}
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        elif os.environ.get("RAY_ADDRESS"):
+            ray.init(**kwargs)
+        else:
+            ray.init(address="local", **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or os.environ.get("RAY_ADDRESS")
+        raise GumError(
+            f"cannot reach the Ray cluster at {where} ({str(exc).splitlines()[0][:160]}); start it "
+            "(`ray start --head`) or leave --ray-address out to run on a local Ray"
+        ) from None
+
+
+def _remote_stages(job: MapJob, n_gpus: float):
+    import ray
+
+    @ray.remote(num_cpus=0.5, max_retries=0)
+    def gum_fetch(job: MapJob, year: int, row: int, col: int) -> dict[str, Any]:
+        return fetch_cell(job, year, row, col)
+
+    @ray.remote(num_cpus=0.5, max_retries=0)
+    def gum_write(job, year, row, col, predicted, sha, times):
+        return write_cell(job, year, row, col, predicted, sha, times)
+
+    opts: dict[str, Any] = {"max_restarts": 1, "max_task_retries": 0}
+    if n_gpus >= 1:
+        opts["num_gpus"] = 1
+        opts["num_cpus"] = 1
+    else:
+        opts["num_cpus"] = 1
+    GumInferActor = ray.remote(**opts)(CellPredictor)
+    return gum_fetch, gum_write, GumInferActor
+
+
+def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = None,
+            log_every_s: float = 10.0) -> Summary:
+    """Run ``job`` to completion (resuming); returns the summary. See the module docstring."""
+    import ray
+
+    from gum_ray.model import load_checkpoint
+    from gum_ray.store.manifest import Manifest
+    from gum_ray.store.product import ProductSettings, ProductStore
+
+    t0 = time.time()
+    source = job.make_source()  # validates the source options before anything is written
+    checkpoint = job.resolved_checkpoint()
+    loaded = load_checkpoint(checkpoint)
+    if loaded.spec.with_products != bool(getattr(source, "with_products", False)):
+        raise InputError(
+            f"checkpoint {checkpoint} is a {loaded.spec.in_channels}-channel model but the "
+            f"{job.source} source gives {'14' if getattr(source, 'with_products', False) else '11'} "
+            "bands; use --products with the 13-channel checkpoint, or the 10-channel one without"
+        )
+    sha = loaded.sha256
+    del loaded
+    cells = plan_cells(job)
+    connect_ray(ray_address, job)
+    product = ProductStore.open_or_create(job.product, settings=ProductSettings(grid=job.grid), years=job.years)
+    manifest = Manifest(job.product, job.grid)
+    lease = RunLease(job.product, job.lease_ttl_s)
+    lease.acquire()
+    summary = Summary()
+    try:
+        _record_run(job, lease, cells)
+        todo: collections.deque[tuple[int, Cell]] = collections.deque()
+        for year in job.years:
+            pending = manifest.pending(year, cells)
+            summary.skipped += len(cells) - len(pending)
+            todo.extend((year, c) for c in pending)
+        summary.planned = len(todo)
+        progress = Progress(len(todo), live=live, log_every_s=log_every_s)
+        if todo:
+            _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest)
+        progress.update(summary, {"fetch": 0, "infer": 0, "write": 0}, force=True)
+        progress.close()
+        if summary.done:
+            product.build_overviews(cells, years=list(job.years))
+    finally:
+        lease.release()
+    summary.wall_s = time.time() - t0
+    return summary
+
+
+def _record_run(job: MapJob, lease: RunLease, cells: list[Cell]) -> None:
+    from gum_ray.store import fs
+
+    record = {"run_id": lease.run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "aoi": job.aoi.to_geojson(), "years": list(job.years), "cells": len(cells),
+              "source": job.source, "settings": job.settings_record(), "max_attempts": job.max_attempts}
+    fs.write_bytes(fs.join(job.product, "_manifest", "runs", f"{lease.run_id}.json"),
+                   json.dumps(record, indent=1, default=str).encode())
+
+
+def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> None:
+    import ray
+
+    n_gpus = float(ray.cluster_resources().get("GPU", 0))
+    n_actors = job.infer_actors or (int(n_gpus) if n_gpus >= 1 else 1)
+    gum_fetch, gum_write, GumInferActor = _remote_stages(job, n_gpus)
+    job_ref = ray.put(job)
+    threads = job.threads_per_actor or (None if n_gpus >= 1 else max(1, (os.cpu_count() or 2)))
+    actors = [GumInferActor.options(name=None).remote(job, checkpoint, threads) for _ in range(n_actors)]
+    actor_load = [0] * n_actors
+    fetching: dict[Any, tuple[int, Cell, float]] = {}
+    ready: collections.deque[tuple[int, Cell, dict]] = collections.deque()
+    inferring: dict[Any, tuple[int, Cell, int, dict]] = {}
+    writing: dict[Any, tuple[int, Cell]] = {}
+
+    def fail(year: int, cell: Cell, exc: BaseException) -> None:
+        err = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
+        attempt = manifest.record_failure(year, cell, err)
+        if attempt < job.max_attempts:
+            summary.retried += 1
+            todo.append((year, cell))
+        else:
+            summary.set_aside += 1
+            summary.errors[f"{year}/{cell.id}"] = f"{type(err).__name__}: {str(err)[:300]}"
+        log.warning("cell %s year %s failed (attempt %d of %d): %s", cell.id, year, attempt,
+                    job.max_attempts, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+
+    while todo or fetching or ready or inferring or writing:
+        # feed each stage while its queue has room
+        while todo and len(fetching) < job.fetch_concurrency and len(ready) < 2 * n_actors:
+            year, cell = todo.popleft()
+            fetching[gum_fetch.remote(job_ref, year, cell.row, cell.col)] = (year, cell, time.time())
+        while ready and min(actor_load) < 2:
+            i = actor_load.index(min(actor_load))
+            year, cell, info = ready.popleft()
+            ref = actors[i].predict.remote(year, cell.row, cell.col)
+            inferring[ref] = (year, cell, i, info)
+            actor_load[i] += 1
+        waitable = list(fetching) + list(inferring) + list(writing)
+        done_refs, _ = ray.wait(waitable, num_returns=1, timeout=1.0)
+        for ref in done_refs:
+            if ref in fetching:
+                year, cell, _ = fetching.pop(ref)
+                try:
+                    ready.append((year, cell, ray.get(ref)))
+                except Exception as exc:  # noqa: BLE001 - recorded against the cell
+                    fail(year, cell, exc)
+            elif ref in inferring:
+                year, cell, i, info = inferring.pop(ref)
+                actor_load[i] -= 1
+                if len(writing) >= job.write_concurrency:
+                    # writes are the bottleneck: wait for one before queueing another
+                    w_done, _ = ray.wait(list(writing), num_returns=1)
+                    _finish_write(w_done[0], writing, summary, fail)
+                times = {"fetch_s": round(info.get("fetch_s", 0), 3), "fetched": info.get("fetched")}
+                writing[gum_write.remote(job_ref, year, cell.row, cell.col, ref, sha, times)] = (year, cell)
+            elif ref in writing:
+                _finish_write(ref, writing, summary, fail)
+        lease.beat()
+        progress.update(summary, {"fetch": len(fetching), "infer": len(inferring) + len(ready),
+                                  "write": len(writing)})
+
+
+def _finish_write(ref, writing, summary: Summary, fail) -> None:
+    import ray
+
+    year, cell = writing.pop(ref)
+    try:
+        res = ray.get(ref)
+    except Exception as exc:  # noqa: BLE001 - recorded against the cell
+        fail(year, cell, exc)
+        return
+    summary.done += 1
+    summary.empty += int(res["empty"])
+    summary.km2 += cell_km2(cell)
+
+
+def iter_summary_lines(s: Summary, job: MapJob) -> Iterator[str]:
+    yield (f"gum map: {s.done} cells mapped, {s.skipped} already done (skipped), {s.set_aside} set aside, "
+           f"{s.retried} retried; {s.km2:.1f} km² in {s.wall_s:.1f} s ({s.km2_per_s:.2f} km²/s)")
+    for key, err in sorted(s.errors.items()):
+        yield f"  set aside {key}: {err}"
