@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import numpy as np
 import pytest
@@ -292,6 +291,12 @@ def test_get_source_picks_earth_engine():
     assert "credentials" not in repr(src)
     with pytest.raises(InputError, match="bad options"):
         get_source("ee", colour="blue")
+    # KEY=VALUE strings from the command line become the option's type
+    src = get_source("ee", project="p-x", credentials="anonymous", max_in_flight="8", with_products="yes",
+                     tile_side="256", backoff_s="0.5")
+    assert (src.max_in_flight, src.with_products, src.tile_side, src.backoff_s) == (8, True, 256, 0.5)
+    with pytest.raises(InputError, match="max_in_flight='lots' is not a valid int"):
+        get_source("ee", max_in_flight="lots")
 
 
 @pytest.mark.slow
@@ -315,5 +320,41 @@ def test_cluster_wide_cap_through_a_ray_actor(emu, creds):
         assert _eq(out["a"].export, want) and _eq(out["b"].export, want)
         assert emu.stats()["max_in_flight"] <= 3
         assert a.limiter.stats()["max_in_flight"] == 3
+        ray.kill(a.limiter._actor)
     finally:
         ray.shutdown()
+
+
+def test_emulator_serves_the_ee_packages_discovery_document(emu):
+    import urllib.error
+    import urllib.request
+
+    doc = json.loads(urllib.request.urlopen(emu.url + "/$discovery/rest?version=v1", timeout=10).read())
+    assert doc["rootUrl"] == emu.url + "/" and doc["version"] == "v1"
+    assert "v1/projects/{projectsId}/image:computePixels" in json.dumps(doc)
+    algos = json.loads(urllib.request.urlopen(emu.url + "/v1/projects/gum-emulator/algorithms", timeout=10).read())
+    assert any(a["name"] == "algorithms/Image.select" for a in algos["algorithms"])
+    # a method the document declares but the emulator does not implement: 501, not 404
+    req = urllib.request.Request(emu.url + "/v1/projects/gum-emulator/table:computeFeatures", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=10)
+    assert exc.value.code == 501
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(emu.url + "/nothing/here", timeout=10)
+    assert exc.value.code == 404
+
+
+def test_emulator_in_a_child_process_and_a_pickled_source(creds):
+    import pickle
+
+    from gum_ray.sources.ee_emulator import start_emulator_process
+
+    with start_emulator_process(max_seconds=120, rate_429=0.2, seed=1) as emu:
+        src = E.EarthEngineSource(project="gum-emulator", credentials="anonymous", url=emu.url, tile_side=32, **FAST)
+        src = pickle.loads(pickle.dumps(src))  # as Ray ships it to a worker
+        geobox = PLACES["latlon-71N"][:64, :64]
+        got = src.fetch(geobox, 2021)
+        assert _eq(got.export, SyntheticSource().fetch(geobox, 2021).export)
+        st = emu.stats()
+        assert st["compute_pixels_ok"] == 12 and st["faults"].get("429", 0) > 0
+        pickle.dumps(src)  # still picklable after a fetch

@@ -251,6 +251,9 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
     del loaded
     cells = plan_cells(job)
     connect_ray(ray_address, job)
+    # A cluster-wide resource of the source (Earth Engine's in-flight cap, a named Ray actor) is
+    # created here, so the driver owns it for the whole run; the workers find it by name.
+    cluster_limiter = getattr(source, "limiter", None)
     product = ProductStore.open_or_create(job.product, settings=ProductSettings(grid=job.grid), years=job.years)
     manifest = Manifest(job.product, job.grid)
     lease = RunLease(job.product, job.lease_ttl_s)
@@ -273,6 +276,7 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
             product.build_overviews(cells, years=list(job.years))
     finally:
         lease.release()
+    del cluster_limiter
     summary.wall_s = time.time() - t0
     return summary
 

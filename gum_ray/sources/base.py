@@ -178,6 +178,8 @@ class ImagerySource(abc.ABC):
     name: str = "source"
 
     def __init__(self, *, with_products: bool = False) -> None:
+        if isinstance(with_products, str):
+            with_products = with_products.strip().lower() in ("1", "true", "yes", "on", "y")
         self.with_products = bool(with_products)
 
     def fetch(self, geobox: GeoBox, year: int) -> Imagery:

@@ -392,37 +392,59 @@ def local_limiter(cap: int, name: str = "earthengine") -> LocalLimiter:
 class RayLimiter:
     """A cluster-wide cap: a named Ray actor acting as a semaphore with leases.
 
-    Every worker that builds a ``RayLimiter`` with the same name shares one actor, created on first
-    use (``get_if_exists``). A lease not released within ``lease_s`` (a worker that died mid-request)
-    is reclaimed, so the cap cannot leak away.
+    Every worker that builds a ``RayLimiter`` with the same name and cap shares one actor, created on
+    first use (``get_if_exists``, detached so it does not die with the worker that happened to create
+    it). A lease not released within ``lease_s`` (a worker that died mid-request) is reclaimed, so the
+    cap cannot leak away; a lost actor is re-created.
     """
 
     NAMESPACE = "gum_ray"
 
     def __init__(self, cap: int, name: str = "earthengine", lease_s: float = 900.0) -> None:
-        import ray  # lazy: only when running inside Ray
-
         if cap < 1:
             raise InputError(f"max_in_flight must be at least 1, got {cap}")
         self.cap = int(cap)
+        self.lease_s = float(lease_s)
         self.name = f"gum_ray_inflight_{name}_{cap}"
+        self._actor = self._connect()
+
+    def _connect(self) -> Any:
         actor_cls = _semaphore_actor_class()
-        self._actor = actor_cls.options(
-            name=self.name, namespace=self.NAMESPACE, get_if_exists=True, max_concurrency=100_000,
-            num_cpus=0, lifetime=None,
-        ).remote(self.cap, lease_s)
-        self._ray = ray
+        return actor_cls.options(
+            name=self.name, namespace=self.NAMESPACE, get_if_exists=True, lifetime="detached",
+            max_concurrency=100_000, num_cpus=0,
+        ).remote(self.cap, self.lease_s)
 
     def acquire(self) -> str:
+        import ray
+
         token = uuid.uuid4().hex
-        self._ray.get(self._actor.acquire.remote(token))
+        try:
+            ray.get(self._actor.acquire.remote(token))
+        except ray.exceptions.RayActorError:
+            self._actor = self._connect()
+            ray.get(self._actor.acquire.remote(token))
         return token
 
     def release(self, token: Any) -> None:
-        self._actor.release.remote(token)
+        import ray
+
+        try:
+            self._actor.release.remote(token)
+        except ray.exceptions.RayActorError:  # pragma: no cover - the lease died with the actor
+            pass
 
     def stats(self) -> dict[str, Any]:
-        return self._ray.get(self._actor.stats.remote())
+        import ray
+
+        return ray.get(self._actor.stats.remote())
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cap": self.cap, "lease_s": self.lease_s, "name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._actor = self._connect()
 
 
 _ACTOR_CLS: Any = None
@@ -522,7 +544,8 @@ def resolve_credentials(credentials: Any = None) -> tuple[Any, str | None]:
     if credentials == "anonymous":
         return None, None
     if credentials is not None and not isinstance(credentials, (str, os.PathLike)):
-        return credentials, getattr(credentials, "quota_project_id", None) or getattr(credentials, "project_id", None)
+        project = getattr(credentials, "quota_project_id", None) or getattr(credentials, "project_id", None)
+        return credentials, project
     path = os.fspath(credentials) if credentials is not None else os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
     if path:
         return _credentials_from_file(path, explicit=credentials is not None)
@@ -580,16 +603,24 @@ def initialize_ee(*, url: str, project: str | None, credentials: Any = None, poo
                 "or set EE_PROJECT"
             )
         try:
-            ee.Initialize(credentials=creds, project=project or "gum-ray-anonymous", url=url)
+            ee.data.setMaxRetries(1)  # an unreachable endpoint fails in seconds, not minutes
+            # anonymous (emulator) sessions still need a syntactically valid project id; a service
+            # account without a project uses its own project
+            init_project = project or ("gum-ray-anonymous" if creds is None else None)
+            ee.Initialize(credentials=creds, project=init_project, url=url)
         except ee.EEException as exc:
-            raise GumError(f"Earth Engine at {url} refused to start: {exc}. Check the project and credentials") from None
+            raise GumError(
+                f"Earth Engine at {url} refused to start: {exc}. Check the project and credentials"
+            ) from None
         except Exception as exc:
             if "auth" in type(exc).__module__ or "Refresh" in type(exc).__name__:
                 raise GumError(
                     f"Earth Engine at {url} rejected the credentials ({type(exc).__name__}); refresh them "
                     "(`earthengine authenticate`) or check the service-account key"
                 ) from None
-            raise GumError(f"cannot reach Earth Engine at {url} ({type(exc).__name__}: {exc}); check the network/url") from None
+            raise GumError(
+                f"cannot reach Earth Engine at {url} ({type(exc).__name__}: {exc}); check the network and the url"
+            ) from None
         ee.data.setMaxRetries(0)  # retries are ours (backoff, jitter, splitting, the in-flight cap)
         _POOL["size"] = 0
         _ensure_pool(pool_size)
@@ -918,7 +949,7 @@ class EarthEngineSource(ImagerySource):
     # -- pickling (Ray ships sources to workers): runtime state stays behind -------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_limiter"] = None if not isinstance(self._limiter, RayLimiter) else self._limiter
+        state["_limiter"] = None  # re-made where the source lands (cluster-wide inside Ray)
         state["last_stats"] = None
         return state
 
@@ -983,7 +1014,8 @@ class EarthEngineSource(ImagerySource):
             "dates": [f"{year}-01-01", f"{year + 1}-01-01"],
             "collections": collections(self.with_products),
             "recipe": {
-                "s2": f"median of cloud/shadow-masked scenes, CLOUDY_PIXEL_PERCENTAGE <= {CLOUDY_PIXEL_PERCENTAGE_MAX}, "
+                "s2": "median of cloud/shadow-masked scenes, "
+                f"CLOUDY_PIXEL_PERCENTAGE <= {CLOUDY_PIXEL_PERCENTAGE_MAX}, "
                 f"cloud probability > {CLOUD_PROBABILITY_THRESHOLD}",
                 "s1": "IW 10 m (else EW 40 m bilinear) VV/VH, mean per orbit pass, empty pass -> 0",
                 "terrain": "SRTM unmasked with GMTED be75, ee.Terrain.products, bilinear",
@@ -993,7 +1025,8 @@ class EarthEngineSource(ImagerySource):
         }
         if self.count_images:
             provenance["image_counts"] = self._count_images(ee, recipe["_counts"])
-        return Imagery(export, masks_from_export(export, self.with_products), provenance, geobox, self.with_products)
+        masks = masks_from_export(export, self.with_products)
+        return Imagery(export, masks, provenance, geobox, self.with_products)
 
     def _count_images(self, ee: Any, counts: Any) -> dict[str, int] | None:
         for attempt in range(self.max_attempts):
@@ -1017,32 +1050,32 @@ class EarthEngineSource(ImagerySource):
         h, w = export.shape[1:]
         filled = {m: 0 for m in images}
         stop = threading.Event()
-        with ThreadPoolExecutor(max_workers=max(1, self.threads), thread_name_prefix="gum-ee") as pool:
-            pending: dict[Future, _Piece] = {}
+        pool = ThreadPoolExecutor(max_workers=max(1, self.threads), thread_name_prefix="gum-ee")
+        pending: dict[Future, _Piece] = {}
 
-            def submit(p: _Piece) -> None:
-                pending[pool.submit(self._do_piece, ee, geobox, images[p.modality], p, stats, stop)] = p
+        def submit(p: _Piece) -> None:
+            pending[pool.submit(self._do_piece, ee, geobox, images[p.modality], p, stats, stop)] = p
 
+        try:
             for p in pieces:
                 submit(p)
-            try:
-                while pending:
-                    done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        piece = pending.pop(fut)
-                        kind, payload = fut.result()
-                        if kind == SPLIT:
-                            for child in payload:
-                                submit(child)
-                            continue
-                        r0, r1, c0, c1 = piece.window
-                        export[MODALITY_SLICES[piece.modality], r0:r1, c0:c1] = payload
-                        filled[piece.modality] += (r1 - r0) * (c1 - c0)
-            except BaseException:
-                stop.set()
-                for fut in pending:
-                    fut.cancel()
-                raise
+            while pending:
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    piece = pending.pop(fut)
+                    kind, payload = fut.result()
+                    if kind == SPLIT:
+                        for child in payload:
+                            submit(child)
+                        continue
+                    r0, r1, c0, c1 = piece.window
+                    export[MODALITY_SLICES[piece.modality], r0:r1, c0:c1] = payload
+                    filled[piece.modality] += (r1 - r0) * (c1 - c0)
+        except BaseException:
+            stop.set()  # running pieces stop at their next attempt or backoff
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         for m, n in filled.items():
             if n != h * w:  # pragma: no cover - a planner bug, never a silent hole
                 raise RuntimeError(f"Earth Engine fetch covered {n} of {h * w} pixels of {m}")
@@ -1099,7 +1132,8 @@ class EarthEngineSource(ImagerySource):
                 raise GumError(f"Earth Engine request for {piece.modality} failed: {error}")
             with stats._lock:
                 stats.retries[reason] = stats.retries.get(reason, 0) + 1
-            time.sleep(self._backoff(attempt))
+            if stop.wait(self._backoff(attempt)):
+                raise GumError("Earth Engine fetch cancelled")
         raise GumError(
             f"Earth Engine kept failing for {piece.modality} {piece.window} after {self.max_attempts} attempts "
             f"(last: {error}); try again later or lower max_in_flight"

@@ -274,6 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("PATCH")
 
     def _dispatch(self, method: str) -> None:
+        self._t_arrival = time.monotonic()  # the request line and headers are in
         url = urllib.parse.urlsplit(self.path)
         path, query = url.path, urllib.parse.parse_qs(url.query)
         body = self._body() if method in ("POST", "PATCH") else b""
@@ -284,7 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, _discovery(self.server.root, version))
             if path == "/token" and method == "POST":
                 self._count("token")
-                return self._json(200, {"access_token": "emulator-token", "expires_in": 3600, "token_type": "Bearer"})
+                token = {"access_token": "emulator-token", "expires_in": 3600, "token_type": "Bearer"}
+                return self._json(200, token)
             if path.startswith("/_emulator/"):
                 return self._control(method, path, body)
             parts = path.strip("/").split("/")
@@ -301,7 +303,9 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._compute_value(body)
             if any(m == method and rx.match(path) for m, rx in self.server.routes_for(path)):
                 self._count("not-implemented")
-                raise _HTTPError(501, f"{method} {path} is not implemented by the gum-ray Earth Engine emulator", "UNIMPLEMENTED")
+                raise _HTTPError(
+                    501, f"{method} {path} is not implemented by the gum-ray Earth Engine emulator", "UNIMPLEMENTED"
+                )
             self._count("unknown")
             raise _HTTPError(404, f"Unknown path {path}", "NOT_FOUND")
         except _HTTPError as e:
@@ -334,7 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _compute_pixels(self, body: bytes) -> None:
         srv = self.server
         st = srv.stats
-        t_start = time.monotonic()
+        t_start = getattr(self, "_t_arrival", None) or time.monotonic()
         with st.lock:
             st.compute_pixels += 1
             st.in_flight += 1
@@ -357,7 +361,9 @@ class _Handler(BaseHTTPRequestHandler):
         f = srv.faults
         req = json.loads(body or b"{}")
         if req.get("fileFormat") not in ("NPY", None):
-            raise _HTTPError(400, f"The emulator only serves fileFormat NPY, not {req.get('fileFormat')}", "INVALID_ARGUMENT")
+            raise _HTTPError(
+                400, f"The emulator only serves fileFormat NPY, not {req.get('fileFormat')}", "INVALID_ARGUMENT"
+            )
         markers = find_markers(req.get("expression"))
         modality = markers.get(MARKER_MODALITY)
         encoding = markers.get(MARKER_ENCODING) or "compact"
@@ -377,11 +383,13 @@ class _Handler(BaseHTTPRequestHandler):
         h, w = gb.shape
         if w > MAX_GRID_SIDE or h > MAX_GRID_SIDE:
             self._fault("grid_too_large")
-            raise _HTTPError(400, f"Pixel grid dimensions ({w}x{h}) must be less than or equal to {MAX_GRID_SIDE}.", "INVALID_ARGUMENT")
+            msg = f"Pixel grid dimensions ({w}x{h}) must be less than or equal to {MAX_GRID_SIDE}."
+            raise _HTTPError(400, msg, "INVALID_ARGUMENT")
         size = w * h * request_bytes_per_pixel(codes)
         if size > f.max_request_bytes:
             self._fault("oversize")
-            raise _HTTPError(400, f"Total request size ({size} bytes) must be less than or equal to {f.max_request_bytes} bytes.", "INVALID_ARGUMENT")
+            msg = f"Total request size ({size} bytes) must be less than or equal to {f.max_request_bytes} bytes."
+            raise _HTTPError(400, msg, "INVALID_ARGUMENT")
         if f.memory_limit_pixels is not None and w * h > f.memory_limit_pixels:
             self._fault("memory")
             raise _HTTPError(400, "User memory limit exceeded.", "INVALID_ARGUMENT")

@@ -100,7 +100,9 @@ class GeoTiffSource(ImagerySource):
         self.year_policy = year_policy
         self.zero_is_nodata = zero_is_nodata
         if not os.path.exists(self.path):
-            raise InputError(f"GeoTIFF source: {self.path!r} does not exist; give a folder of GUM exports or one export file")
+            raise InputError(
+                f"GeoTIFF source: {self.path!r} does not exist; give a folder of GUM exports or one export file"
+            )
         self._index: list[ExportFile] | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -173,7 +175,8 @@ class GeoTiffSource(ImagerySource):
             "files": used,
             "resampling": {"continuous": "bilinear", "products": "nearest"},
         }
-        return Imagery(export, masks_from_export(export, self.with_products), provenance, geobox, self.with_products)
+        masks = masks_from_export(export, self.with_products)
+        return Imagery(export, masks, provenance, geobox, self.with_products)
 
     def _read_into(self, f: ExportFile, geobox: GeoBox, dst_crs: RioCRS, out: np.ndarray) -> bool:
         """Fill the NaN pixels of ``out`` (n, H, W) from file ``f``; True if it overlapped."""

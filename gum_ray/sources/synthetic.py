@@ -806,12 +806,14 @@ class WorldSample:
     """What :func:`render` returns: the export and the class map behind it."""
 
     export: np.ndarray  # float32 (11 | 14, H, W), only the requested modalities filled (NaN elsewhere)
-    classes: np.ndarray  # uint8 (H, W): CLASS_* codes
+    classes: np.ndarray | None  # uint8 (H, W): CLASS_* codes (None when only terrain was rendered)
     year: int
     with_products: bool
 
     @property
     def urban(self) -> np.ndarray:
+        if self.classes is None:
+            raise ValueError("this sample rendered only terrain; render s2 or s1 too for the classes")
         return (self.classes == CLASS_TOWN) | (self.classes == CLASS_ROAD)
 
 
@@ -836,7 +838,11 @@ def render(
     if unknown:
         raise InputError(f"synthetic world: unknown or unavailable modalities {sorted(unknown)}")
     frame = _Frame(geobox)
-    cls = _class_map(frame, year)
+    if want <= {"terrain"}:  # terrain needs only to know where the ocean is
+        cls = np.zeros((frame.h, frame.w), np.uint8)
+        _ocean_map(frame, cls)
+    else:
+        cls = _class_map(frame, year)
     names = export_band_names(with_products)
     export = np.empty((len(names), frame.h, frame.w), np.float32)
     for m in set(all_mods) - want:
@@ -859,7 +865,7 @@ def render(
             c = cls if yr == year else _class_map(frame, yr, water=water)
             urban = (c == CLASS_TOWN) | ((c == CLASS_ROAD) if roads else False)
             prod[b] = urban.astype(np.float32)
-    return WorldSample(export, cls, year, with_products)
+    return WorldSample(export, None if want <= {"terrain"} else cls, year, with_products)
 
 
 def world_export(geobox: GeoBox, year: int, *, with_products: bool = False) -> np.ndarray:

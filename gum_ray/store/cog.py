@@ -80,8 +80,7 @@ def export_cog(
 
     p = product if isinstance(product, ProductStore) else ProductStore.open(product)
     p._check_level(level)
-    yi = p.year_index(year)  # clear error before any work
-    del yi
+    p.year_index(year)  # a clear error before any work
     out = str(out)
     if not out.lower().endswith((".tif", ".tiff")):
         raise InputError(f"output {out}: a COG export is a GeoTIFF; name it .tif")

@@ -167,7 +167,7 @@ def render_preview(
     map_w = east - west
     map_h = (north - south) * aspect
     fig_w = 8.0
-    fig_h = float(np.clip(fig_w * 0.85 * map_h / map_w + 1.4, 3.0, 12.0))
+    fig_h = float(np.clip(fig_w * 0.8 * map_h / map_w + 1.0, 3.0, 12.0))
     fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -183,7 +183,8 @@ def render_preview(
     ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")
     ax.tick_params(axis="x", labelrotation=30)
-    cb = fig.colorbar(im, ax=ax, shrink=0.85, pad=0.03)
+    cax = ax.inset_axes((1.03, 0.0, 0.035, 1.0))  # exactly as tall as the map
+    cb = fig.colorbar(im, cax=cax)
     cb.set_label("P(urban) [%]")
     cb.ax.axhline(URBAN_THRESHOLD, color="black", linewidth=1.0)
     ax.legend(
@@ -206,14 +207,13 @@ def render_preview(
         f"{_lat_fmt(south)} - {_lat_fmt(north)})",
         fontsize=10,
     )
-    fig.text(
-        0.01, 0.01,
+    ax.text(
+        0.0, -0.16,
         f"urban (P >= {URBAN_THRESHOLD} %): {urban_km2:,.2f} km2 at this resolution   |   "
         f"pixel ~{res_m:,.0f} m (level {lvl}{f', x{factor} mean' if factor > 1 else ''})   |   "
         f"{Path(str(p.root)).name}",
-        fontsize=7, color="0.3",
+        fontsize=7, color="0.3", transform=ax.transAxes, va="top",
     )
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
 
     out = str(out)
     workdir = Path(out).parent if not fs.is_remote(out) else Path(tempfile.gettempdir())

@@ -153,16 +153,22 @@ def encode_probability(probability: np.ndarray, floor: int = DEFAULT_PROB_FLOOR)
             )
         out = p.copy()
     elif np.issubdtype(p.dtype, np.floating):
-        finite = np.isfinite(p)
-        vals = p[finite]
-        if vals.size and (vals.min() < -1e-3 or vals.max() > 1 + 1e-3):
+        x = np.multiply(p, np.float32(100.0), dtype=np.float32)  # percent; NaN stays NaN
+        lo, hi = np.fmin.reduce(x, axis=None), np.fmax.reduce(x, axis=None)  # NaN-ignoring
+        if not np.isnan(lo) and (lo < -0.1 or hi > 100.1):
             raise InputError(
-                f"probability (float): values run {float(vals.min()):g}..{float(vals.max()):g}; a float "
-                f"probability must lie in [0, 1] (NaN = no data); pass percent as uint8"
+                f"probability (float): values run {lo / 100:g}..{hi / 100:g}; a float probability must "
+                f"lie in [0, 1] (NaN = no data); pass percent as uint8"
             )
-        raw = np.clip(np.where(finite, p, 0.0), 0.0, 1.0) * 100.0
-        pct = np.where(raw < floor, 0.0, np.floor(raw + 0.5))  # the floor applies before rounding
-        out = np.where(finite, pct, NODATA).astype(np.uint8)
+        nodata = np.isnan(x)
+        x[nodata] = 0.0
+        np.clip(x, 0.0, 100.0, out=x)
+        if floor > 0:
+            x[x < floor] = 0.0  # the floor applies before rounding
+        x += 0.5
+        out = x.astype(np.uint8)  # truncation of x + 0.5 = rounding half up
+        out[nodata] = NODATA
+        return out
     else:
         raise InputError(f"probability: dtype {p.dtype} is not float (0-1) or uint8 (percent)")
     if floor > 0:
@@ -284,12 +290,11 @@ class ProductStore:
                     dimension_names=["year", "y", "x"],
                     attributes=_probability_attrs(settings, level),
                 )
-                ya = lg.create_array(
+                lg.create_array(
                     "year", shape=(0,), chunks=(1024,), dtype="int32", fill_value=0,
                     dimension_names=["year"],
                     attributes={"long_name": "calendar year of the imagery", "axis": "T"},
                 )
-                del ya
                 # 1-D variables: one object each (a shard of inner chunks of about 10 degrees);
                 # the pixel area is float32 (7 digits; it compresses 17x better than float64)
                 for name, n, values, dtype, attrs in (

@@ -1,0 +1,154 @@
+"""The main job end to end: a real Ray head on loopback, `ray job submit`, the Earth Engine emulator,
+the synthetic world; then the product is checked against a single-process prediction of the same
+imagery on the same grid, read back by coordinates through xarray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gum_ray.grid import ProductGrid, parse_aoi
+from gum_ray.model import ModelSpec, random_checkpoint
+from tests.helpers import REPO
+from tests.raycluster import RAY, ray_head
+
+pytestmark = pytest.mark.slow
+
+# two 0.01-degree cells (120 x 120 product px) in the synthetic world's demo town
+BBOX = (8.571, 47.371, 8.589, 47.379)
+CELL_DEG, CHUNK = 0.01, 40
+
+
+def job_args(data_dir, ckpt, *extra):
+    return ["--bbox", *map(str, BBOX), "--year", "2020", "--checkpoint", str(ckpt),
+            "--data-dir", str(data_dir), "--cell-deg", str(CELL_DEG), "--chunk-px", str(CHUNK),
+            "--halo", "64", "--quiet", "--no-preview", *extra]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    random_checkpoint(path, ModelSpec(10, 8, 4), seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    from gum_ray.sources.ee_emulator import start_emulator_process
+
+    emu = start_emulator_process(max_seconds=1800)
+    yield emu
+    emu.stop()
+
+
+def expected_cell(product_root, cache_root, ckpt, cell, year=2020):
+    """What one process gives for the cell: cached imagery -> engine -> warp -> stored encoding."""
+    from gum_ray import bands
+    from gum_ray.inference import InferenceEngine, InferenceSettings
+    from gum_ray.model import load_checkpoint
+    from gum_ray.store.cache import ImageryCache
+    from gum_ray.store.product import encode_probability
+    from gum_ray.warp import warp_probability
+
+    cached = ImageryCache(cache_root).get(year, cell)
+    export = cached.export
+    engine = InferenceEngine(load_checkpoint(ckpt).model, InferenceSettings())
+    prob = engine.predict(bands.preprocess(export)).probability.astype(np.float16)
+    prob[~bands.validity_mask(export)] = np.nan
+    warped = warp_probability(prob.astype(np.float32), cached.geobox, cell.product_geobox())
+    return encode_probability(warped)
+
+
+def test_ray_job_submit_through_the_ee_emulator(tmp_path, ckpt, emulator):
+    from gum_ray import open_product
+    from gum_ray.grid import cells_for_aoi
+
+    data = tmp_path / "data"
+    with ray_head() as (gcs, dashboard, env):
+        cmd = [RAY, "job", "submit", "--address", dashboard, "--",
+               sys.executable, str(REPO / "pipelines" / "continental.py"),
+               *job_args(data, ckpt, "--source", "ee", "--source-option", f"url={emulator.url}",
+                         "--source-option", "credentials=anonymous",
+                         "--source-option", "project=gum-emulator")]
+        for _ in range(30):  # the head's job agent may need a few more seconds after start
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+            if "No available agent" not in r.stdout + r.stderr:
+                break
+            time.sleep(2)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "2 cells mapped" in r.stdout + r.stderr, r.stdout[-3000:]
+        assert emulator.stats()["requests"] > 0
+    grid = ProductGrid(CELL_DEG, CHUNK)
+    cells = cells_for_aoi(parse_aoi(bbox=BBOX), grid)
+    assert len(cells) == 2
+    ds = open_product(str(data / "product.zarr"))
+    assert ds.rio.crs.to_epsg() == 4326
+    for cell in cells:
+        expected = expected_cell(data / "product.zarr", data / "imagery-cache", ckpt, cell)
+        w, s, e, n = cell.bounds
+        got = ds["probability"].sel(year=2020, x=slice(w, e), y=slice(n, s)).values
+        assert got.shape == expected.shape == cell.shape
+        np.testing.assert_array_equal(got, expected)
+        # a single pixel by coordinates: its centre lands on the same value
+        lon, lat = w + 7.5 / 12000, n - 11.5 / 12000
+        assert ds["probability"].sel(year=2020, x=lon, y=lat, method="nearest").values == expected[11, 7]
+
+
+def _shards(product):
+    out = {}
+    for root, _, files in os.walk(product / "probability" / "c"):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, product)] = open(p, "rb").read()
+    return out
+
+
+def test_kill_driver_mid_run_then_resume_is_byte_identical(tmp_path, ckpt):
+    bbox_big = ("--bbox", "8.57", "47.37", "8.60", "47.39")  # 6 cells
+    gum = [sys.executable, "-m", "gum_ray.cli", "map"]
+    # the uninterrupted reference run
+    ref_dir = tmp_path / "ref"
+    r = subprocess.run(gum + job_args(ref_dir, ckpt) + list(bbox_big), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the interrupted run: kill -9 the driver once the first cell is committed
+    run_dir = tmp_path / "run"
+    args = gum + job_args(run_dir, ckpt, "--lease-ttl", "5", "--write-concurrency", "1") + list(bbox_big)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    markers = run_dir / "product.zarr" / "_manifest" / "2020"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    n_before = len(list(markers.glob("*.json")))
+    assert 1 <= n_before < 6, "the run must be interrupted mid-way"
+    # while the dead run's lease is fresh, a second run is refused and writes nothing
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "another run" in r.stderr, r.stderr[-2000:]
+    assert len(list(markers.glob("*.json"))) == n_before
+    time.sleep(6)  # the lease expires
+    os.killpg(proc.pid, signal.SIGKILL) if _alive(proc.pid) else None
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{6 - n_before} cells mapped, {n_before} already done" in r.stderr
+    assert _shards(run_dir / "product.zarr") == _shards(ref_dir / "product.zarr")
+    for m in markers.glob("*.json"):
+        rec = json.loads(m.read_text())
+        assert rec["cell_id"] == m.stem
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
