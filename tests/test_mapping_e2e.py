@@ -121,7 +121,7 @@ def test_kill_driver_mid_run_then_resume_is_byte_identical(tmp_path, ckpt):
     assert r.returncode == 0, r.stderr[-3000:]
     # the interrupted run: kill -9 the driver once the first cell is committed
     run_dir = tmp_path / "run"
-    args = gum + job_args(run_dir, ckpt, "--lease-ttl", "5", "--write-concurrency", "1") + list(bbox_big)
+    args = gum + job_args(run_dir, ckpt, "--lease-ttl", "25", "--write-concurrency", "1") + list(bbox_big)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     markers = run_dir / "product.zarr" / "_manifest" / "2020"
     deadline = time.time() + 600
@@ -135,7 +135,8 @@ def test_kill_driver_mid_run_then_resume_is_byte_identical(tmp_path, ckpt):
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "another run" in r.stderr, r.stderr[-2000:]
     assert len(list(markers.glob("*.json"))) == n_before
-    time.sleep(6)  # the lease expires
+    lease = json.loads((run_dir / "product.zarr" / "_manifest" / "lease.json").read_text())
+    time.sleep(max(0.0, lease["heartbeat"] + lease["ttl_s"] - time.time()) + 1)  # the lease expires
     os.killpg(proc.pid, signal.SIGKILL) if _alive(proc.pid) else None
     r = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

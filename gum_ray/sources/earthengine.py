@@ -33,11 +33,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import random
 import threading
 import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -999,11 +1000,10 @@ class EarthEngineSource(ImagerySource):
         ee = self._ee()
         recipe = build_recipe(ee, geobox, year, with_products=self.with_products)
         images = {m: encode_image(ee, recipe[m], m, year, self.encoding) for m in modalities(self.with_products)}
-        names = export_band_names(self.with_products)
-        export = np.full((len(names), h, w), np.nan, np.float32)
+        n_bands = len(export_band_names(self.with_products))
         stats = FetchStats()
         t0 = time.monotonic()
-        self._run(ee, geobox, images, [_Piece(m, win) for m, win in plan], export, stats)
+        export = self._run(ee, geobox, images, [_Piece(m, win) for m, win in plan], (n_bands, h, w), stats)
         stats.seconds = time.monotonic() - t0
         self.last_stats = stats
         provenance: dict[str, Any] = {
@@ -1045,32 +1045,46 @@ class EarthEngineSource(ImagerySource):
         d = min(self.backoff_max_s, self.backoff_s * (2.0**attempt))
         return d * (0.5 + 0.5 * random.random())
 
-    def _run(self, ee, geobox, images, pieces, export, stats) -> None:
-        """Fetch all pieces with a thread pool; split pieces are re-queued; none is dropped."""
-        h, w = export.shape[1:]
+    def _run(self, ee, geobox, images, pieces, shape, stats) -> np.ndarray:
+        """Fetch all pieces with a thread pool into a new ``shape`` export; split pieces are
+        re-queued; none is dropped.
+
+        Workers hand results back through a queue (O(1) per request on the main thread, which
+        writes each piece into the export); every pixel of every modality is written exactly once.
+        """
+        h, w = shape[1:]
         filled = {m: 0 for m in images}
         stop = threading.Event()
+        results: queue.SimpleQueue = queue.SimpleQueue()
         pool = ThreadPoolExecutor(max_workers=max(1, self.threads), thread_name_prefix="gum-ee")
-        pending: dict[Future, _Piece] = {}
 
-        def submit(p: _Piece) -> None:
-            pending[pool.submit(self._do_piece, ee, geobox, images[p.modality], p, stats, stop)] = p
+        def task(p: _Piece) -> None:
+            try:
+                results.put((p, *self._do_piece(ee, geobox, images[p.modality], p, stats, stop)))
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+                results.put((p, FATAL, exc))
 
+        outstanding = 0
         try:
             for p in pieces:
-                submit(p)
-            while pending:
-                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-                for fut in done:
-                    piece = pending.pop(fut)
-                    kind, payload = fut.result()
-                    if kind == SPLIT:
-                        for child in payload:
-                            submit(child)
-                        continue
-                    r0, r1, c0, c1 = piece.window
-                    export[MODALITY_SLICES[piece.modality], r0:r1, c0:c1] = payload
-                    filled[piece.modality] += (r1 - r0) * (c1 - c0)
+                pool.submit(task, p)
+                outstanding += 1
+            # allocate (and page in) the export while the first requests are in flight: faulting
+            # hundreds of MB in later, piece by piece under the GIL, would stall the workers
+            export = np.full(shape, np.nan, np.float32)
+            while outstanding:
+                piece, kind, payload = results.get()
+                outstanding -= 1
+                if kind == FATAL:
+                    raise payload
+                if kind == SPLIT:
+                    for child in payload:
+                        pool.submit(task, child)
+                        outstanding += 1
+                    continue
+                r0, r1, c0, c1 = piece.window
+                export[MODALITY_SLICES[piece.modality], r0:r1, c0:c1] = payload
+                filled[piece.modality] += (r1 - r0) * (c1 - c0)
         except BaseException:
             stop.set()  # running pieces stop at their next attempt or backoff
             pool.shutdown(wait=False, cancel_futures=True)
@@ -1079,6 +1093,7 @@ class EarthEngineSource(ImagerySource):
         for m, n in filled.items():
             if n != h * w:  # pragma: no cover - a planner bug, never a silent hole
                 raise RuntimeError(f"Earth Engine fetch covered {n} of {h * w} pixels of {m}")
+        return export
 
     def _do_piece(self, ee, geobox, image, piece: _Piece, stats: FetchStats, stop: threading.Event):
         """One piece: retry on transient errors, split on size/memory/time errors."""

@@ -591,18 +591,23 @@ def _inside(f: _Features, k: int, lon: np.ndarray, lat: np.ndarray) -> np.ndarra
     if f.lobes == 0:  # segment
         bx, by = _local_xy(np.float64(f.lon_b[k]), np.float64(f.lat_b[k]), lon0, lat0)
         return _segment_distance(ex, ey, float(bx), float(by)) <= float(f.radius[k])
-    d = np.hypot(ex, ey)
-    amp = float(f.lobe_amp[k])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        s = np.where(d > 0, ey / d, 0.0)
-        c = np.where(d > 0, ex / d, 1.0)
-    if f.lobes == 3:
-        sn, cs = 3 * s - 4 * s**3, 4 * c**3 - 3 * c
-    else:  # 2 lobes
-        sn, cs = 2 * s * c, c * c - s * s
-    ph = float(f.lobe_phase[k])
-    r = float(f.radius[k]) * (1.0 + amp * (sn * math.cos(ph) + cs * math.sin(ph)))
-    return d < r
+    # a lobed disc: d < R (1 + a sin(lobes * theta + phase)); only the ring R(1 - a) <= d < R(1 + a)
+    # needs the angle
+    radius, amp, ph = float(f.radius[k]), float(f.lobe_amp[k]), float(f.lobe_phase[k])
+    d2 = ex * ex + ey * ey
+    r_in, r_out = radius * (1.0 - amp), radius * (1.0 + amp)
+    inside = d2 < r_in * r_in
+    ring = (d2 < r_out * r_out) & ~inside
+    if ring.any():
+        x, y = ex[ring], ey[ring]
+        d = np.sqrt(d2[ring])
+        s, c = y / d, x / d  # d >= R(1 - a) > 0 in the ring
+        if f.lobes == 3:
+            sn, cs = 3 * s - 4 * s**3, 4 * c**3 - 3 * c
+        else:  # 2 lobes
+            sn, cs = 2 * s * c, c * c - s * s
+        inside[ring] = d < radius * (1.0 + amp * (sn * math.cos(ph) + cs * math.sin(ph)))
+    return inside
 
 
 def _paint(frame: _Frame, f: _Features, target: np.ndarray, value: int, only_where: int | None,
