@@ -47,10 +47,13 @@ S1_MAX_DB = 0.0
 
 # Compact integer encodings used by the Earth Engine source and the imagery cache
 # (DESIGN.md decision 5): reflectance x 10000 as uint16, dB x 100 as int16, terrain as int16
-# (elevation in m, slope and aspect in centi-degrees), products as uint8.
+# (elevation in m, slope and aspect in centi-degrees; aspect offset by -180 deg so 0-360 fits
+# int16), products as uint8.
 S2_SCALE = 10000.0
 S1_SCALE = 100.0
 SLOPE_ASPECT_SCALE = 100.0
+_TERRAIN_SCALES = np.array([1.0, SLOPE_ASPECT_SCALE, SLOPE_ASPECT_SCALE], np.float32)[:, None, None]
+_TERRAIN_OFFSETS = np.array([0.0, 0.0, -180.0], np.float32)[:, None, None]
 
 
 def export_band_names(with_products: bool) -> tuple[str, ...]:
@@ -124,8 +127,8 @@ def encode_compact(export: np.ndarray) -> dict[str, np.ndarray]:
     out["s1"] = np.clip(np.rint(np.nan_to_num(s1) * S1_SCALE), -32768, 32767).astype(np.int16)
     t = x[ELEVATION : ASPECT + 1]
     out["terrain_mask"] = np.isfinite(t).astype(np.uint8)
-    scales = np.array([1.0, SLOPE_ASPECT_SCALE, SLOPE_ASPECT_SCALE], np.float32)[:, None, None]
-    out["terrain"] = np.clip(np.rint(np.nan_to_num(t) * scales), -32768, 32767).astype(np.int16)
+    t = (np.nan_to_num(t) + _TERRAIN_OFFSETS) * _TERRAIN_SCALES
+    out["terrain"] = np.clip(np.rint(t), -32768, 32767).astype(np.int16)
     if x.shape[0] == len(EXPORT_BANDS_WITH_PRODUCTS):
         out["products"] = np.nan_to_num(x[PRODUCT_SLICE]).astype(np.uint8)
     return out
@@ -137,8 +140,7 @@ def decode_compact(parts: dict[str, np.ndarray]) -> np.ndarray:
     s2[parts["s2_mask"] == 0] = np.nan
     s1 = parts["s1"].astype(np.float32) / S1_SCALE
     s1[parts["s1_mask"] == 0] = np.nan
-    scales = np.array([1.0, SLOPE_ASPECT_SCALE, SLOPE_ASPECT_SCALE], np.float32)[:, None, None]
-    t = parts["terrain"].astype(np.float32) / scales
+    t = parts["terrain"].astype(np.float32) / _TERRAIN_SCALES - _TERRAIN_OFFSETS
     t[parts["terrain_mask"] == 0] = np.nan
     stack = [s2, s1, t]
     if "products" in parts:

@@ -24,6 +24,9 @@ COMMANDS = {
     "map": "map",
     "plan": "plan",
     "status": "status",
+    "patches": "patches",
+    "finetune": "finetune",
+    "demo-model": "demo_model",
 }
 
 

@@ -442,7 +442,10 @@ def finetune(
             lr = lr_at(step / max(total_steps, 1), s.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            x, y = samples.batch(order[i : i + s.batch_size], rng if s.augment else None)
+            keys = order[i : i + s.batch_size]
+            if len(keys) == 1:  # BatchNorm (the PSP's 1x1 pool) needs 2+ samples in training
+                keys = keys * 2
+            x, y = samples.batch(keys, rng if s.augment else None)
             loss = train_step(model, opt, x.to(device), y.to(device), amp, scaler)
             if math.isfinite(loss):
                 losses.append(loss)

@@ -10,7 +10,8 @@ Layout of a patches dataset ``PATCHES`` (a local folder or ``gs://``)::
                                             checkpoint (sha256), inference settings, patch geometry
     PATCHES/patches.zarr/<key>/             one Zarr v3 group per point (key = the point id, made
                                             path-safe):
-        s2 s1 terrain [products]             compact imagery (gum_ray.bands.encode_compact)
+        s2 s1 terrain [products]             compact imagery (gum_ray.bands.encode_compact;
+                                             terrain as int32: see encode_imagery)
         s2_mask s1_mask terrain_mask         uint8 validity (1 = value present)
         probability                          uint8 P(urban) percent 0-100, 255 = no data
         class                                uint8 pseudo-label 0/1, 255 = no data
@@ -280,6 +281,22 @@ class PatchRecord:
         return "products" in self.parts
 
 
+def encode_imagery(export: np.ndarray) -> dict[str, np.ndarray]:
+    """The compact parts of :func:`gum_ray.bands.encode_compact`, terrain as int32.
+
+    ``encode_compact`` puts terrain in int16, which cannot hold aspects above 327.67 degrees in
+    centi-degrees (they would be clipped); int32 keeps every value exact and
+    :func:`gum_ray.bands.decode_compact` reads it unchanged.
+    """
+    from gum_ray.bands import ASPECT, ELEVATION, SLOPE_ASPECT_SCALE
+
+    parts = encode_compact(export)
+    t = np.nan_to_num(export[ELEVATION : ASPECT + 1].astype(np.float32))
+    scales = np.array([1.0, SLOPE_ASPECT_SCALE, SLOPE_ASPECT_SCALE], np.float32)[:, None, None]
+    parts["terrain"] = np.rint(t * scales).astype(np.int32)
+    return parts
+
+
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
@@ -392,7 +409,7 @@ class PatchDataset:
         Without ``probability``/``cls`` (imagery-only patches) those arrays are not written.
         """
         g = self._group(point.key, "w")
-        for name, arr in encode_compact(export).items():
+        for name, arr in encode_imagery(export).items():
             self._put(g, name, arr, ["band", "y", "x"])
         if probability is not None and cls is not None:
             self._put(g, "probability", probability.astype(np.uint8), ["y", "x"])
@@ -778,8 +795,9 @@ def _run_ray(todo: Sequence[Point], job: PatchJob, checkpoint: str | None, sha: 
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=False,
-                 include_dashboard=False)
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        kwargs = {"include_dashboard": False} if address == "local" else {}
+        ray.init(address=address, log_to_driver=False, **kwargs)
     remote = ray.remote(num_cpus=1, max_retries=2)(_safe_make_patch)
     job_ref = ray.put(job)
     cap = workers or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))

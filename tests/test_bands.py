@@ -67,7 +67,9 @@ def test_compact_encoding_round_trip():
     x = _export(8, 9, 14)
     x[0:4] = np.round(rng.uniform(0, 1, (4, 8, 9)), 4)
     x[4:8] = np.round(rng.uniform(-30, 5, (4, 8, 9)), 2)
-    x[9:11] = np.round(rng.uniform(0, 90, (2, 8, 9)), 2)
+    x[9] = np.round(rng.uniform(0, 90, (8, 9)), 2)
+    x[10] = np.round(rng.uniform(0, 360, (8, 9)), 2)  # aspect up to 360 deg fits the int16 encoding
+    x[10, 0, 0], x[10, 0, 1] = 0.0, 359.99
     x[11:14] = rng.integers(0, 2, (3, 8, 9))
     x[4:8, 2, 3] = np.nan
     x[0:4, 5, 5] = np.nan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -35,6 +36,9 @@ def emu(emulator):
     emulator.reset_stats()
     yield emulator
     emulator.set_faults(**{k: v for k, v in Faults().__dict__.items()})
+    deadline = time.monotonic() + 10  # requests a client gave up on may still be served: let them end
+    while emulator.stats()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +277,7 @@ def test_error_classification():
     assert c(Exception("Quota exceeded for quota metric 'Number of read requests'")) == E.RETRY
     assert c(Exception("An internal error has occurred.")) == E.RETRY
     assert c(ConnectionError("Connection broken: IncompleteRead")) == E.RETRY
+    assert c(TimeoutError("HTTPConnectionPool(host='x', port=1): Read timed out. (read timeout=0.4)")) == E.RETRY
     assert c(Exception("Image.select: Pattern 'B4' did not match any bands.")) == E.FATAL
     assert c(Exception("Image.load: Image asset 'X' not found (does not exist or caller does not have access).")) == E.FATAL
 
@@ -360,3 +365,12 @@ def test_emulator_in_a_child_process_and_a_pickled_source(creds):
         st = emu.stats()
         assert st["compute_pixels_ok"] == 12 and st["faults"].get("429", 0) > 0
         pickle.dumps(src)  # still picklable after a fetch
+
+
+def test_stalled_requests_time_out_and_are_retried(emu, creds):
+    emu.set_faults(latency_jitter_s=0.8, seed=5)  # latency uniform in [0, 0.8] s
+    geobox = PLACES["utm17N-florida"][:64, :64]
+    src = ee_source(emu, creds, tile_side=32, max_in_flight=8, max_attempts=40, timeout_s=0.4)
+    got = src.fetch(geobox, 2021)
+    assert _eq(got.export, SyntheticSource().fetch(geobox, 2021).export)
+    assert src.last_stats.requests == 12 and src.last_stats.retries.get("transport", 0) > 0

@@ -55,9 +55,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--workers", type=int, default=2,
                    help="points processed at once (a local thread pool; default 2; 1 = one by one)")
-    g.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
-                   help="run the points as Ray tasks: on a local Ray (no ADDRESS) or the cluster at "
-                        "ADDRESS (e.g. ray://head:10001, or 'auto' for RAY_ADDRESS)")
+    g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the points as Ray tasks on the cluster at ADDRESS (e.g. ray://head:10001, "
+                        "'auto' = the running local cluster); without ADDRESS: RAY_ADDRESS, else a new "
+                        "local Ray")
     p.add_argument("--quiet", action="store_true", help="no line per point")
     add_inference_arguments(p)
     return p
@@ -90,9 +91,8 @@ def run(args: argparse.Namespace) -> int:
                 "no_imagery": f"no imagery, skipped: {o.message}", "failed": f"FAILED: {o.message}"}[o.status]
         print(f"[{count}/{n}] {o.id}: {what}", file=sys.stderr)
 
-    if args.ray:
-        address = None if args.ray == "auto" else args.ray
-        report = run_patches(job, executor="ray", ray_address=address, progress=progress)
+    if args.ray is not None:
+        report = run_patches(job, executor="ray", ray_address=args.ray or None, progress=progress)
     else:
         report = run_patches(job, executor="local", workers=args.workers, progress=progress)
     parts = [f"{report.written} written", f"{report.done_before} done before"]

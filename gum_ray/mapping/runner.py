@@ -192,6 +192,9 @@ def connect_ray(address: str | None, job: MapJob) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False,
                               "runtime_env": {"env_vars": {k: v for k, v in os.environ.items()
                                                            if k.startswith(("GUM_", "STORAGE_EMULATOR"))}}}
+    where = address or os.environ.get("RAY_ADDRESS")
+    if where and where not in ("auto", "local"):
+        _check_reachable(where)
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -204,6 +207,20 @@ def connect_ray(address: str | None, job: MapJob) -> None:
         raise GumError(
             f"cannot reach the Ray cluster at {where} ({str(exc).splitlines()[0][:160]}); start it "
             "(`ray start --head`) or leave --ray-address out to run on a local Ray"
+        ) from None
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a Ray address nobody answers at (ray.init would retry for many minutes)."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise GumError(
+            f"cannot reach the Ray cluster at {address} ({exc}); start it (`ray start --head`), "
+            "check the address (host:port of the head's GCS, e.g. 10.0.0.2:6379), or leave "
+            "--ray-address out to run on a local Ray"
         ) from None
 
 
@@ -250,6 +267,7 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
     sha = loaded.sha256
     del loaded
     cells = plan_cells(job)
+    _check_existing_product(job)
     connect_ray(ray_address, job)
     # A cluster-wide resource of the source (Earth Engine's in-flight cap, a named Ray actor) is
     # created here, so the driver owns it for the whole run; the workers find it by name.
@@ -279,6 +297,21 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
     del cluster_limiter
     summary.wall_s = time.time() - t0
     return summary
+
+
+def _check_existing_product(job: MapJob) -> None:
+    """A product already at the path must have this job's grid (checked before anything runs)."""
+    from gum_ray.store import fs
+    from gum_ray.store.product import ProductStore
+
+    if fs.exists(fs.join(fs.normalize(job.product), "zarr.json")):
+        grid = ProductStore.open(job.product).grid
+        if grid != job.grid:
+            raise InputError(
+                f"{job.product}: the product was created with {grid.cell_deg} degree cells and "
+                f"{grid.chunk_px} px chunks, not {job.grid.cell_deg} / {job.grid.chunk_px}; pass "
+                f"--cell-deg {grid.cell_deg} --chunk-px {grid.chunk_px}, or give a new product path"
+            )
 
 
 def _record_run(job: MapJob, lease: RunLease, cells: list[Cell]) -> None:

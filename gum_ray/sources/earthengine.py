@@ -315,11 +315,11 @@ def _http_status(exc: BaseException) -> int | None:
 def classify_error(exc: BaseException) -> str:
     """``split`` (too big, out of memory, timed out), ``retry`` (429, quota, 5xx, transport) or
     ``fatal`` (anything else: a bad recipe, a missing asset, no permission)."""
+    if isinstance(exc, (_CorruptResponse, ConnectionError, TimeoutError)):
+        return RETRY  # transport: a client-side read timeout is not Earth Engine's "timed out"
     msg = str(exc).lower()
     if any(w in msg for w in _SPLIT_WORDS):
         return SPLIT
-    if isinstance(exc, (_CorruptResponse, ConnectionError, TimeoutError)):
-        return RETRY
     status = _http_status(exc)
     if status is not None and (status == 429 or status >= 500):
         return RETRY
@@ -582,8 +582,12 @@ _INIT_LOCK = threading.Lock()
 _INIT_KEY: tuple | None = None
 
 
-def initialize_ee(*, url: str, project: str | None, credentials: Any = None, pool_size: int = 64) -> str:
-    """Initialise the ``ee`` client once per process for (url, project, credentials).
+def initialize_ee(*, url: str, project: str | None, credentials: Any = None, pool_size: int = 64,
+                  timeout_s: float | None = None) -> str:
+    """Initialise the ``ee`` client once per process for (url, project, credentials, timeout).
+
+    ``timeout_s`` bounds each HTTP request (a stalled connection fails and is retried instead of
+    holding an in-flight slot forever).
 
     Returns the project used. Raises :class:`GumError` with what to fix when credentials or the
     project are missing or rejected.
@@ -592,7 +596,7 @@ def initialize_ee(*, url: str, project: str | None, credentials: Any = None, poo
     with _INIT_LOCK:
         creds, cred_project = resolve_credentials(credentials)
         project = project or os.environ.get("EE_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT") or cred_project
-        key = (url, project, id(creds) if creds is not None else None)
+        key = (url, project, id(creds) if creds is not None else None, timeout_s)
         if _INIT_KEY == key:
             _ensure_pool(pool_size)
             return project or ""
@@ -623,6 +627,8 @@ def initialize_ee(*, url: str, project: str | None, credentials: Any = None, poo
                 f"cannot reach Earth Engine at {url} ({type(exc).__name__}: {exc}); check the network and the url"
             ) from None
         ee.data.setMaxRetries(0)  # retries are ours (backoff, jitter, splitting, the in-flight cap)
+        if timeout_s:
+            ee.data.setDeadline(int(timeout_s * 1000))  # per-request timeout of the HTTP session
         _POOL["size"] = 0
         _ensure_pool(pool_size)
         _INIT_KEY = key
@@ -899,6 +905,7 @@ class EarthEngineSource(ImagerySource):
         backoff_s / backoff_max_s: exponential backoff base and ceiling (jittered).
         encoding: ``compact`` (default) or ``float32`` (the baseline, for benchmarks).
         count_images: one extra request for the number of images per collection (provenance).
+        timeout_s: per-request HTTP timeout; a request that stalls longer is retried.
     """
 
     name = "ee"
@@ -973,7 +980,8 @@ class EarthEngineSource(ImagerySource):
 
     def _ee(self) -> Any:
         project = initialize_ee(
-            url=self.url, project=self.project, credentials=self._credentials, pool_size=max(self.threads, 10)
+            url=self.url, project=self.project, credentials=self._credentials, pool_size=max(self.threads, 10),
+            timeout_s=self.timeout_s,
         )
         self._project_used = project
         import ee

@@ -93,14 +93,15 @@ class _Stats:
         self.reset()
 
     def reset(self) -> None:
-        with getattr(self, "lock", threading.Lock()):
+        """Zero the counters (requests still being served stay counted as in flight)."""
+        with self.lock:
             self.requests = 0
             self.routes: dict[str, int] = {}
             self.compute_pixels = 0
             self.compute_pixels_ok = 0
             self.faults: dict[str, int] = {}
-            self.in_flight = 0
-            self.max_in_flight = 0
+            self.in_flight = getattr(self, "in_flight", 0)
+            self.max_in_flight = self.in_flight
             self.bytes_sent = 0
             self.pixels_sent = 0
             self.intervals: list[tuple[float, float]] = []
