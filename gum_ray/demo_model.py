@@ -27,6 +27,7 @@ it only once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -117,10 +118,11 @@ class DemoRecipe:
         return d
 
     def identity(self) -> dict[str, Any]:
-        """What names the cached model: the recipe less the time budget (a safety stop only)."""
+        """What names the cached model: the recipe less the time budget (a safety stop only), and
+        the synthetic world it learns (a change of the world means a new model)."""
         d = self.as_dict()
         d.pop("max_train_seconds")
-        return {"demo_version": DEMO_VERSION, **d}
+        return {"demo_version": DEMO_VERSION, "world": world_fingerprint(), **d}
 
     def hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True).encode()
@@ -128,6 +130,18 @@ class DemoRecipe:
 
 
 # --------------------------------------------------------------------------------------- paths
+
+
+@functools.lru_cache(maxsize=1)
+def world_fingerprint() -> str:
+    """A hash of a small sample of the synthetic world (imagery and classes near the demo town)."""
+    from gum_ray.patches import point_geobox
+    from gum_ray.sources.synthetic import DEMO_LONLAT, render
+
+    sample = render(point_geobox(*DEMO_LONLAT, size=48), 2021)
+    h = hashlib.sha256(np.ascontiguousarray(sample.export).tobytes())
+    h.update(np.ascontiguousarray(sample.classes).tobytes())
+    return h.hexdigest()[:16]
 
 
 def cache_dir() -> Path:

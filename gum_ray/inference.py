@@ -115,10 +115,22 @@ class InferenceSettings:
         return dataclasses.asdict(self)
 
 
-def crop_starts(n: int, stride: int, crop: int = CROP) -> list[int]:
-    """Crop origins along an axis of ``n`` px, mmseg's slide rule (``n`` at least ``crop``)."""
-    grids = max(n - crop + stride - 1, 0) // stride + 1
-    return [max(min(i * stride, n - crop), 0) for i in range(grids)]
+def crop_starts(n: int, stride: int, crop: int = CROP, origin: int | None = None) -> list[int]:
+    """Crop origins along an axis of ``n`` px (``n`` at least ``crop``).
+
+    ``origin`` None: mmseg's slide rule (0, s, 2s, ..., the last pulled back to ``n - crop``).
+    ``origin`` given (the image's first pixel's index on a larger grid, e.g. a UTM zone's 10 m
+    lattice): interior crops sit on that grid's multiples of the stride, so two overlapping images
+    of one grid see the same crops where they overlap; one crop at 0 and one at ``n - crop`` cover
+    the edges.
+    """
+    if origin is None:
+        grids = max(n - crop + stride - 1, 0) // stride + 1
+        return [max(min(i * stride, n - crop), 0) for i in range(grids)]
+    phase = (-origin) % stride
+    starts = {0, n - crop}
+    starts.update(range(phase, n - crop + 1, stride))
+    return sorted(starts)
 
 
 def window_2d(kind: str, crop: int = CROP) -> np.ndarray:
@@ -194,12 +206,17 @@ class InferenceEngine:
         return (torch.softmax(logits, dim=1)[:, 1:2] * self._window).contiguous()
 
     # -- whole scenes ---------------------------------------------------------------------
-    def predict(self, x: np.ndarray) -> Prediction:
-        """Predict a preprocessed scene (C, H, W) float32 held in memory."""
+    def predict(self, x: np.ndarray, origin: tuple[int, int] | None = None) -> Prediction:
+        """Predict a preprocessed scene (C, H, W) float32 held in memory.
+
+        ``origin`` = (row, col) of the scene's first pixel on a larger pixel grid: crops are then
+        placed on that grid's stride lattice (see :func:`crop_starts`), so overlapping scenes of one
+        grid (neighbouring cells with their halos) agree where they overlap.
+        """
         self._check_input(x.shape)
         prob = np.empty(x.shape[1:], np.float32)
         label = np.empty(x.shape[1:], np.uint8)
-        for y0, p, lab in self.predict_rows(lambda a, b: x[:, a:b], x.shape[1], x.shape[2]):
+        for y0, p, lab in self.predict_rows(lambda a, b: x[:, a:b], x.shape[1], x.shape[2], origin=origin):
             prob[y0 : y0 + p.shape[0]] = p
             label[y0 : y0 + p.shape[0]] = lab
         return Prediction(prob, label)
@@ -220,18 +237,20 @@ class InferenceEngine:
         height: int,
         width: int,
         progress: Callable[[int], None] | None = None,
+        origin: tuple[int, int] | None = None,
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Stream a scene of ``height`` x ``width`` px through the network.
 
         ``read_rows(y0, y1)`` returns the preprocessed rows ``[y0, y1)`` as (C, y1 - y0, width)
-        float32. Yields ``(y0, probability_rows, label_rows)`` for consecutive, finished row
+        float32. ``origin``: see :meth:`predict`. Yields ``(y0, probability_rows, label_rows)`` for consecutive, finished row
         blocks, top to bottom. ``progress(n)`` is called with the number of crops done.
         """
         s = self.settings
         self._check_input((self.in_channels, height, width))
         pad_h, pad_w = max(CROP - height, 0), max(CROP - width, 0)
         hp, wp = height + pad_h, width + pad_w
-        ys, xs = crop_starts(hp, s.stride), crop_starts(wp, s.stride)
+        oy, ox = origin if origin is not None else (None, None)
+        ys, xs = crop_starts(hp, s.stride, origin=oy), crop_starts(wp, s.stride, origin=ox)
         crops = [(y, x) for y in ys for x in xs]
         k = 2 if s.merge == "logits" else 1
 

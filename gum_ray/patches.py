@@ -10,8 +10,7 @@ Layout of a patches dataset ``PATCHES`` (a local folder or ``gs://``)::
                                             checkpoint (sha256), inference settings, patch geometry
     PATCHES/patches.zarr/<key>/             one Zarr v3 group per point (key = the point id, made
                                             path-safe):
-        s2 s1 terrain [products]             compact imagery (gum_ray.bands.encode_compact;
-                                             terrain as int32: see encode_imagery)
+        s2 s1 terrain [products]             compact imagery (gum_ray.bands.encode_compact)
         s2_mask s1_mask terrain_mask         uint8 validity (1 = value present)
         probability                          uint8 P(urban) percent 0-100, 255 = no data
         class                                uint8 pseudo-label 0/1, 255 = no data
@@ -56,7 +55,7 @@ from pyproj import CRS, Transformer
 
 from gum_ray import __version__
 from gum_ray.bands import decode_compact, encode_compact, export_band_names
-from gum_ray.errors import CheckpointError, InputError
+from gum_ray.errors import CheckpointError, GumError, InputError
 from gum_ray.grid import geobox_from_dict, geobox_to_dict
 from gum_ray.store import fs
 
@@ -281,22 +280,6 @@ class PatchRecord:
         return "products" in self.parts
 
 
-def encode_imagery(export: np.ndarray) -> dict[str, np.ndarray]:
-    """The compact parts of :func:`gum_ray.bands.encode_compact`, terrain as int32.
-
-    ``encode_compact`` puts terrain in int16, which cannot hold aspects above 327.67 degrees in
-    centi-degrees (they would be clipped); int32 keeps every value exact and
-    :func:`gum_ray.bands.decode_compact` reads it unchanged.
-    """
-    from gum_ray.bands import ASPECT, ELEVATION, SLOPE_ASPECT_SCALE
-
-    parts = encode_compact(export)
-    t = np.nan_to_num(export[ELEVATION : ASPECT + 1].astype(np.float32))
-    scales = np.array([1.0, SLOPE_ASPECT_SCALE, SLOPE_ASPECT_SCALE], np.float32)[:, None, None]
-    parts["terrain"] = np.rint(t * scales).astype(np.int32)
-    return parts
-
-
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
@@ -409,7 +392,7 @@ class PatchDataset:
         Without ``probability``/``cls`` (imagery-only patches) those arrays are not written.
         """
         g = self._group(point.key, "w")
-        for name, arr in encode_imagery(export).items():
+        for name, arr in encode_compact(export).items():
             self._put(g, name, arr, ["band", "y", "x"])
         if probability is not None and cls is not None:
             self._put(g, "probability", probability.astype(np.uint8), ["y", "x"])
@@ -697,7 +680,7 @@ def _safe_make_patch(point: Point, job: PatchJob, checkpoint: str | None, sha: s
         return make_patch(point, _context(job, checkpoint), sha)
     except Exception as exc:  # noqa: BLE001 - one failing point must not stop the run
         log.debug("patch %s failed", point.id, exc_info=True)
-        msg = f"{type(exc).__name__}: {exc}"
+        msg = str(exc) if isinstance(exc, GumError) else f"{type(exc).__name__}: {exc}"
         return PatchOutcome(point.id, point.key, "failed", msg[:500], time.perf_counter() - t0)
 
 
@@ -705,8 +688,16 @@ def plan_patches(job: PatchJob, dataset: PatchDataset) -> tuple[list[Point], lis
     """Points still to do, and outcomes for those already done (status says so)."""
     todo, done = [], []
     existing = set(dataset.keys())
+    wanted = [p.key for p in job.points if p.key in existing]
+    if len(wanted) > 32:  # many small reads (one per entry): overlap them (object stores)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            found = dict(zip(wanted, pool.map(dataset.entry_attrs, wanted)))
+    else:
+        found = {k: dataset.entry_attrs(k) for k in wanted}
     for p in job.points:
-        attrs = dataset.entry_attrs(p.key) if p.key in existing else None
+        attrs = found.get(p.key)
         if attrs and attrs.get("status") in DONE_STATUSES:
             if abs(float(attrs.get("lon", p.lon)) - p.lon) > 1e-9 or abs(float(attrs.get("lat", p.lat)) - p.lat) > 1e-9:
                 raise InputError(

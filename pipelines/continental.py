@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     add_job_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run_job(job_from_args(args), ray_address=args.ray_address, quiet=args.quiet)
+        return run_job(job_from_args(args), ray_address=args.ray_address, quiet=args.quiet,
+                       summary_json=args.summary_json)
     except GumError as exc:
         print(f"continental.py: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -121,3 +121,34 @@ def test_probability_to_uint8():
     p = np.array([[0.0, 0.004, 0.5, 1.0, np.nan]], np.float32)
     valid = np.array([[True, True, True, False, True]])
     np.testing.assert_array_equal(probability_to_uint8(p, valid), [[0, 0, 50, 255, 255]])
+
+
+@pytest.mark.parametrize("n,s,origin", [(700, 192, 0), (700, 192, 5), (1000, 128, 12345), (256, 64, 7)])
+def test_crop_starts_on_a_global_lattice(n, s, origin):
+    starts = crop_starts(n, s, origin=origin)
+    assert starts[0] == 0 and starts[-1] == n - CROP and starts == sorted(set(starts))
+    inner = starts[1:-1]
+    assert all((a + origin) % s == 0 for a in inner)
+    covered = np.zeros(n, bool)
+    for a in starts:
+        covered[a:a + CROP] = True
+    assert covered.all()
+
+
+def test_overlapping_scenes_agree_when_crops_share_a_lattice(tiny_model):
+    """Two windows of one big scene (as neighbouring cells with halos): with the lattice origin they
+    predict the same values where both see every crop; with mmseg's rule they do not."""
+    big = _scene(900, 960, seed=8)
+    a_rows, b_rows = slice(0, 800), slice(100, 900)
+    a_cols, b_cols = slice(0, 900), slice(37, 960)
+    eng = _engine(tiny_model, stride=128, batch_size=1)
+    pa = eng.predict(big[:, a_rows, a_cols], origin=(0, 0)).probability
+    pb = eng.predict(big[:, b_rows, b_cols], origin=(100, 37)).probability
+    # the core both windows hold with a full crop of margin around it: rows 356-544, cols 293-644
+    ra, ca = slice(100 + CROP, 800 - CROP), slice(37 + CROP, 900 - CROP)
+    rb, cb = slice(CROP, 700 - CROP), slice(CROP, 863 - CROP)
+    np.testing.assert_allclose(pa[ra, ca], pb[rb, cb], atol=1e-5)
+    qa = eng.predict(big[:, a_rows, a_cols]).probability
+    qb = eng.predict(big[:, b_rows, b_cols]).probability
+    diff = np.abs(qa[ra, ca] - qb[rb, cb])
+    assert diff.max() > 1e-3

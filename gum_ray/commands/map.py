@@ -32,12 +32,16 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--halo", type=int, default=DEFAULT_HALO_PX, help="context around each cell in 10 m px")
     p.add_argument("--max-attempts", type=int, default=3, help="tries per cell before it is set aside")
     p.add_argument("--infer-actors", type=int, help="model actors (default: one per GPU, else one)")
+    p.add_argument("--actor-threads", type=int, default=1,
+                   help="CPUs (torch threads) per model actor (default 1; GPU actors need few)")
     p.add_argument("--fetch-concurrency", type=int, default=2, help="cells fetched at once")
     p.add_argument("--write-concurrency", type=int, default=2, help="cells written at once")
     p.add_argument("--lease-ttl", type=float, default=60.0,
                    help="seconds after which a dead run's lease on the product expires")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-preview", action="store_true", help="skip the quick-look PNG at the end")
+    p.add_argument("--max-cells", type=int, help="map at most this many cells now (run again to go on)")
+    p.add_argument("--summary-json", help="also write the run's summary as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
     add_inference_arguments(p)
 
@@ -75,10 +79,12 @@ def job_from_args(args: argparse.Namespace):
         halo_px=args.halo,
         max_attempts=args.max_attempts,
         infer_actors=args.infer_actors,
+        threads_per_actor=args.actor_threads,
         fetch_concurrency=args.fetch_concurrency,
         write_concurrency=args.write_concurrency,
         lease_ttl_s=args.lease_ttl,
         preview=not args.no_preview,
+        max_cells=args.max_cells,
     )
 
 
@@ -92,13 +98,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_job(job_from_args(args), ray_address=args.ray_address, quiet=args.quiet)
+    return run_job(job_from_args(args), ray_address=args.ray_address, quiet=args.quiet,
+                   summary_json=args.summary_json)
 
 
-def run_job(job, *, ray_address: str | None, quiet: bool = False) -> int:
+def run_job(job, *, ray_address: str | None, quiet: bool = False, summary_json: str | None = None) -> int:
+    import json
+
     from gum_ray.mapping.runner import iter_summary_lines, run_map
 
     summary = run_map(job, ray_address=ray_address, live=False if quiet else None)
+    if summary_json:
+        with open(summary_json, "w") as f:
+            json.dump(summary.as_dict(), f, indent=1)
     for line in iter_summary_lines(summary, job):
         print(line, file=sys.stderr)
     preview = None

@@ -37,6 +37,7 @@ class MapJob:
     threads_per_actor: int | None = None
     lease_ttl_s: float = 60.0
     preview: bool = True
+    max_cells: int | None = None  # map at most this many pending cells in this run (rerun to go on)
 
     def __post_init__(self) -> None:
         if not self.years:
@@ -45,6 +46,8 @@ class MapJob:
             raise InputError(f"--max-attempts {self.max_attempts}: must be at least 1")
         if self.halo_px < 0:
             raise InputError(f"--halo {self.halo_px}: must be >= 0 px")
+        if self.max_cells is not None and self.max_cells < 1:
+            raise InputError(f"--max-cells {self.max_cells}: must be at least 1")
         for name in ("fetch_concurrency", "write_concurrency"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1")

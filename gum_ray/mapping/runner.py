@@ -1,8 +1,9 @@
 """Run a mapping job on Ray: fetch (CPU tasks) -> inference (model actors) -> write (CPU tasks).
 
 The three stages run at the same time. Each has a bounded number of items in flight, so memory is
-bounded whatever the AOI: at most ``fetch_concurrency`` fetches, two cells queued per inference
-actor, ``write_concurrency`` writes. Scheduling, placement, data movement and worker failure are
+bounded whatever the AOI: at most ``fetch_concurrency`` fetches, ``READY_AHEAD`` fetched cells
+waiting (in the imagery cache; only their records are held), two cells queued per inference actor,
+``write_concurrency`` writes. Scheduling, placement, data movement and worker failure are
 Ray's (remote tasks, actors, ``ray.wait``); the driver only keeps the queues bounded and the books.
 
 Resume is the manifest: committed cells are skipped; a failed cell is retried up to
@@ -18,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import socket
 import sys
 import time
@@ -127,10 +129,13 @@ class Summary:
     empty: int = 0
     set_aside: int = 0
     retried: int = 0
+    remaining: int = 0
     km2: float = 0.0
-    urban_km2_px: int = 0
+    stream_s: float = 0.0
     wall_s: float = 0.0
+    driver_peak_mb: float = 0.0
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    written_cells: set[tuple[int, int]] = dataclasses.field(default_factory=set, repr=False)
 
     @property
     def km2_per_s(self) -> float:
@@ -138,6 +143,7 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["written_cells"] = len(self.written_cells)
         d["km2_per_s"] = self.km2_per_s
         return d
 
@@ -284,18 +290,25 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
             pending = manifest.pending(year, cells)
             summary.skipped += len(cells) - len(pending)
             todo.extend((year, c) for c in pending)
+        if job.max_cells is not None and len(todo) > job.max_cells:
+            summary.remaining = len(todo) - job.max_cells
+            todo = collections.deque(list(todo)[: job.max_cells])
         summary.planned = len(todo)
         progress = Progress(len(todo), live=live, log_every_s=log_every_s)
         if todo:
+            t_stream = time.time()
             _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest)
+            summary.stream_s = time.time() - t_stream
         progress.update(summary, {"fetch": 0, "infer": 0, "write": 0}, force=True)
         progress.close()
-        if summary.done:
-            product.build_overviews(cells, years=list(job.years))
+        if summary.written_cells:  # the pyramid above the cells this run wrote
+            written = [job.cell(r, c) for r, c in sorted(summary.written_cells)]
+            product.build_overviews(written, years=list(job.years))
     finally:
         lease.release()
     del cluster_limiter
     summary.wall_s = time.time() - t0
+    summary.driver_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return summary
 
 
@@ -324,6 +337,9 @@ def _record_run(job: MapJob, lease: RunLease, cells: list[Cell]) -> None:
                    json.dumps(record, indent=1, default=str).encode())
 
 
+READY_AHEAD = 32
+
+
 def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> None:
     import ray
 
@@ -331,8 +347,11 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
     n_actors = job.infer_actors or (int(n_gpus) if n_gpus >= 1 else 1)
     gum_fetch, gum_write, GumInferActor = _remote_stages(job, n_gpus)
     job_ref = ray.put(job)
-    threads = job.threads_per_actor or (None if n_gpus >= 1 else max(1, (os.cpu_count() or 2)))
-    actors = [GumInferActor.options(name=None).remote(job, checkpoint, threads) for _ in range(n_actors)]
+    # torch threads = the CPUs the actor holds: more would oversubscribe the cores that the fetch
+    # and write tasks run on (OpenMP spin-waits make that far slower than it looks)
+    threads = job.threads_per_actor or 1
+    actors = [GumInferActor.options(num_cpus=threads).remote(job, checkpoint, threads)
+              for _ in range(n_actors)]
     actor_load = [0] * n_actors
     fetching: dict[Any, tuple[int, Cell, float]] = {}
     ready: collections.deque[tuple[int, Cell, dict]] = collections.deque()
@@ -353,7 +372,9 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
 
     while todo or fetching or ready or inferring or writing:
         # feed each stage while its queue has room
-        while todo and len(fetching) < job.fetch_concurrency and len(ready) < 2 * n_actors:
+        # fetched cells wait in the cache; only their small records queue here, so fetching may
+        # run ahead of inference (bounded: READY_AHEAD cells)
+        while todo and len(fetching) < job.fetch_concurrency and len(ready) < READY_AHEAD:
             year, cell = todo.popleft()
             fetching[gum_fetch.remote(job_ref, year, cell.row, cell.col)] = (year, cell, time.time())
         while ready and min(actor_load) < 2:
@@ -398,11 +419,14 @@ def _finish_write(ref, writing, summary: Summary, fail) -> None:
         return
     summary.done += 1
     summary.empty += int(res["empty"])
+    summary.written_cells.add((cell.row, cell.col))
     summary.km2 += cell_km2(cell)
 
 
 def iter_summary_lines(s: Summary, job: MapJob) -> Iterator[str]:
     yield (f"gum map: {s.done} cells mapped, {s.skipped} already done (skipped), {s.set_aside} set aside, "
            f"{s.retried} retried; {s.km2:.1f} km² in {s.wall_s:.1f} s ({s.km2_per_s:.2f} km²/s)")
+    if s.remaining:
+        yield f"  {s.remaining} cells left for later runs (--max-cells {job.max_cells}); run again to go on"
     for key, err in sorted(s.errors.items()):
         yield f"  set aside {key}: {err}"

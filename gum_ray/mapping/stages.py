@@ -82,7 +82,11 @@ class CellPredictor:
         if not valid.any():
             prob = np.full(valid.shape, np.nan, np.float16)
         else:
-            pred = self.engine.predict(bands.preprocess(export, with_products=with_products))
+            # crops on the UTM zone's stride lattice: neighbouring cells see the same crops where
+            # their halos overlap, so the product has no seams at cell borders
+            a = cached.geobox.affine
+            origin = (int(round(-a.f / abs(a.e))), int(round(a.c / a.a)))
+            pred = self.engine.predict(bands.preprocess(export, with_products=with_products), origin=origin)
             prob = pred.probability.astype(np.float16)
             prob[~valid] = np.nan
         return {
