@@ -141,10 +141,12 @@ def main() -> int:
     mem = {}
     for n in (args.small, args.big):
         r = gum_map(bbox_for(n), tmp / f"plan{n}", ckpt, ["--max-cells", str(args.max_cells)])
-        mem[n] = (r["driver_peak_mb"], r["planned"] + r["remaining"])
-    (ms, ns), (mb, nb) = mem[args.small], mem[args.big]
+        mem[n] = (r["driver_peak_mb"], r["driver_plan_rss_mb"], r["planned"] + r["remaining"])
+    (ms, ps, ns), (mb, pb, nb) = mem[args.small], mem[args.big]
     print(f"driver peak RSS, plan of {ns:,} cells: {ms:7.1f} MB; plan of {nb:,} cells: {mb:7.1f} MB "
           f"-> {mb / ms:.2f}x (target <= 2x; {args.max_cells} cells streamed in each)")
+    print(f"driver RSS with the plan built:  {ps:7.1f} MB vs {pb:7.1f} MB -> {pb / ps:.2f}x "
+          f"(+{pb - ps:.1f} MB for {nb - ns:,} more cells)")
     return 0
 
 

@@ -134,6 +134,7 @@ class Summary:
     stream_s: float = 0.0
     wall_s: float = 0.0
     driver_peak_mb: float = 0.0
+    driver_plan_rss_mb: float = 0.0  # resident memory once the plan and its queue are built
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
     written_cells: set[tuple[int, int]] = dataclasses.field(default_factory=set, repr=False)
 
@@ -294,6 +295,7 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
             summary.remaining = len(todo) - job.max_cells
             todo = collections.deque(list(todo)[: job.max_cells])
         summary.planned = len(todo)
+        summary.driver_plan_rss_mb = _rss_mb()
         progress = Progress(len(todo), live=live, log_every_s=log_every_s)
         if todo:
             t_stream = time.time()
@@ -310,6 +312,18 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
     summary.wall_s = time.time() - t0
     summary.driver_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return summary
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (MB), from /proc where there is one."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _check_existing_product(job: MapJob) -> None:
