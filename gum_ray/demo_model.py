@@ -92,7 +92,7 @@ class DemoRecipe:
     held_out_area_px: int = 768
     steps: int = 330
     batch_size: int = 4
-    lr: float = 3e-3
+    lr: float = 6e-3
     weight_decay: float = 1e-4
     road_centre_fraction: float = 0.3
     town_centre_fraction: float = 0.3

@@ -15,11 +15,11 @@ from gum_ray.mapping.job import MapJob
 from gum_ray.mapping.runner import cell_km2, plan_cells
 
 # Inference rates (crops of 256 x 256 per second) for the GUM network (99.3 GFLOP per crop).
-# cpu: measured by tools/bench_infer.py (f) on this project's 2-core machines, bf16 autocast.
+# cpu: measured by tools/bench_infer.py (f) on this project's 2-core machines, bf16 autocast (2.96/s).
 # gpu: the H100 goal of issue 2 (35 % of 989 TFLOP/s bf16 dense) -- an estimate until measured.
 CROPS_PER_S = {"cpu": 3.0, "gpu": 0.35 * 989e12 / 99.3e9}
 # Stored product bytes per km^2 of a typical (synthetic-world) product: tools/bench_store.py.
-STORED_BYTES_PER_KM2 = 4_000.0
+STORED_BYTES_PER_KM2 = 660.0  # measured 2026-11-24, 3000 px cells around the demo town
 
 
 @dataclasses.dataclass
