@@ -49,6 +49,7 @@ S1_MAX_DB = 0.0
 # (DESIGN.md decision 5): reflectance x 10000 as uint16, dB x 100 as int16, terrain as int16
 # (elevation in m, slope and aspect in centi-degrees; aspect offset by -180 deg so 0-360 fits
 # int16), products as uint8.
+COMPACT_ENCODING_VERSION = 2  # 2: aspect offset by -180 deg (1 clipped aspect above 327.67 deg)
 S2_SCALE = 10000.0
 S1_SCALE = 100.0
 SLOPE_ASPECT_SCALE = 100.0

@@ -194,6 +194,16 @@ def pixel_area_rows(start: int, stop: int, step: int = 1) -> np.ndarray:
 # --------------------------------------------------------------------------------------- cells
 
 
+def utm_crs_for(lon: float, lat: float) -> CRS:
+    """The standard 6-degree UTM zone (WGS84, EPSG:326zz north / 327zz south) of a point.
+
+    No Norway/Svalbard exceptions; above 84 N and below 80 S the zone's projection is still
+    conformal and accurate over one small cell or patch.
+    """
+    zone = min(int((lon + 180.0) // 6.0) + 1, 60)
+    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
+
+
 @dataclass(frozen=True)
 class Cell:
     """One product cell = one Zarr shard: integer ``(row, col)`` in the global cell lattice."""
@@ -250,14 +260,8 @@ class Cell:
         return GeoBox(self.shape, affine, PRODUCT_CRS)
 
     def utm_crs(self) -> CRS:
-        """The UTM zone (WGS84, EPSG:326xx north / 327xx south) of the cell's centre.
-
-        Standard 6-degree zones everywhere (no Norway/Svalbard exceptions); above 84 N and below
-        80 S the zone's projection is still conformal and accurate over one small cell.
-        """
-        lon, lat = self.center
-        zone = min(int((lon + 180.0) // 6.0) + 1, 60)
-        return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
+        """The UTM zone of the cell's centre (:func:`utm_crs_for`)."""
+        return utm_crs_for(*self.center)
 
     def utm_geobox(
         self, halo_px: int = DEFAULT_HALO_PX, resolution: float = UTM_RESOLUTION_M

@@ -51,12 +51,12 @@ from typing import Any, Literal
 import numpy as np
 from affine import Affine
 from odc.geo.geobox import GeoBox
-from pyproj import CRS, Transformer
+from pyproj import Transformer
 
 from gum_ray import __version__
-from gum_ray.bands import decode_compact, encode_compact, export_band_names
+from gum_ray.bands import COMPACT_ENCODING_VERSION, decode_compact, encode_compact, export_band_names
 from gum_ray.errors import CheckpointError, GumError, InputError
-from gum_ray.grid import geobox_from_dict, geobox_to_dict
+from gum_ray.grid import geobox_from_dict, geobox_to_dict, utm_crs_for
 from gum_ray.store import fs
 
 log = logging.getLogger(__name__)
@@ -218,13 +218,7 @@ def points_geojson(points: Iterable[tuple[Any, float, float]]) -> dict[str, Any]
 # ------------------------------------------------------------------------------------ patch grid
 
 
-def utm_crs(lon: float, lat: float) -> CRS:
-    """The standard 6-degree UTM zone (WGS84) of a point: EPSG:326zz north, 327zz south.
-
-    The same rule as :meth:`gum_ray.grid.Cell.utm_crs` (no Norway/Svalbard exceptions).
-    """
-    zone = min(int((lon + 180.0) // 6.0) + 1, 60)
-    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
+utm_crs = utm_crs_for  # a point's UTM zone: the rule gum map uses for cells
 
 
 def point_geobox(
@@ -399,7 +393,8 @@ class PatchDataset:
             self._put(g, "class", cls.astype(np.uint8), ["y", "x"])
         if geotiff:
             self.write_geotiff(point.key, export, geobox, probability, cls, attrs)
-        g.attrs.update(_jsonable({**attrs, "status": STATUS_COMPLETE, "written_at": _now()}))
+        g.attrs.update(_jsonable({**attrs, "encoding_version": COMPACT_ENCODING_VERSION,
+                                  "status": STATUS_COMPLETE, "written_at": _now()}))
 
     def write_no_imagery(self, point: Point, attrs: dict[str, Any]) -> None:
         """Record that a point has no (or too little) imagery: done, skipped on reruns."""

@@ -16,12 +16,7 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
 
     add_aoi_arguments(p, bbox_help="area to map")
     p.add_argument("--year", type=int, nargs="+", required=True, help="one or more calendar years")
-    p.add_argument("--source", default="synthetic", choices=("synthetic", "ee", "geotiff"),
-                   help="imagery: synthetic (offline world, default), ee (Earth Engine), geotiff")
-    p.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option for the source, e.g. path=exports/ (geotiff), project=my-proj, "
-                        "url=http://127.0.0.1:8765 (ee); repeatable")
-    p.add_argument("--products", action="store_true", help="fetch the 3 built-up products (13-channel model)")
+    add_source_arguments(p)
     p.add_argument("--checkpoint", help="GUM checkpoint (.pth); default for the synthetic source: the demo model")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help=f"folder or gs:// prefix for product and cache (default ./{DEFAULT_DATA_DIR})")
@@ -46,14 +41,25 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     add_inference_arguments(p)
 
 
-def _source_options(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """``--source``, ``--source-option KEY=VALUE`` and ``--products`` (map, plan, patches)."""
+    p.add_argument("--source", default="synthetic", choices=("synthetic", "ee", "geotiff"),
+                   help="imagery: synthetic (offline world, default), ee (Earth Engine), geotiff")
+    p.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for the source, e.g. path=exports/ (geotiff), project=my-proj, "
+                        "url=http://127.0.0.1:8765 (ee); repeatable")
+    p.add_argument("--products", action="store_true", help="fetch the 3 built-up products (13-channel model)")
+
+
+def source_options(items: list[str], products: bool) -> tuple[tuple[str, object], ...]:
+    """``--source-option`` items (and ``--products``) as the sorted option pairs of a job."""
     opts: dict[str, object] = {}
-    for item in args.source_option:
+    for item in items:
         if "=" not in item:
             raise InputError(f"--source-option {item!r}: write KEY=VALUE, e.g. path=exports/")
         k, v = item.split("=", 1)
         opts[k.strip()] = v
-    if args.products:
+    if products:
         opts["with_products"] = True
     return tuple(sorted(opts.items()))
 
@@ -72,7 +78,7 @@ def job_from_args(args: argparse.Namespace):
         product=args.product or product,
         cache=args.cache or cache,
         source=args.source,
-        source_options=_source_options(args),
+        source_options=source_options(args.source_option, args.products),
         checkpoint=args.checkpoint,
         inference=settings_from_args(args),
         grid=ProductGrid(cell_deg=args.cell_deg, chunk_px=args.chunk_px),

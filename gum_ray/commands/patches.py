@@ -8,19 +8,8 @@ import sys
 from gum_ray.errors import InputError
 
 
-def _source_options(items: list[str], products: bool) -> tuple[tuple[str, object], ...]:
-    opts: dict[str, object] = {}
-    for item in items:
-        if "=" not in item:
-            raise InputError(f"--source-option {item!r}: write KEY=VALUE, e.g. path=exports/")
-        k, v = item.split("=", 1)
-        opts[k.strip()] = v
-    if products:
-        opts["with_products"] = True
-    return tuple(sorted(opts.items()))
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
+    from gum_ray.commands.map import add_source_arguments
     from gum_ray.commands.predict import add_inference_arguments
     from gum_ray.patches import DEFAULT_MIN_VALID
 
@@ -37,12 +26,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "ids from the feature 'id' or properties.id, else the feature's index")
     p.add_argument("--year", type=int, required=True, help="calendar year of the imagery")
     p.add_argument("--out", required=True, help="the patches dataset: a folder (or gs://bucket/path)")
-    p.add_argument("--source", default="synthetic", choices=("synthetic", "ee", "geotiff"),
-                   help="imagery: synthetic (offline world, default), ee (Earth Engine), geotiff")
-    p.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option for the source, e.g. path=exports/ (geotiff), project=my-proj (ee); "
-                        "repeatable")
-    p.add_argument("--products", action="store_true", help="fetch the 3 built-up products (13-channel model)")
+    add_source_arguments(p)
     p.add_argument("--checkpoint",
                    help="GUM checkpoint (.pth) that makes the pseudo-labels; 'demo' = the demo model "
                         "(the default for the synthetic source)")
@@ -65,6 +49,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gum_ray.commands.map import source_options
     from gum_ray.commands.predict import settings_from_args
     from gum_ray.patches import PatchJob, read_points, run_patches
 
@@ -73,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--workers {args.workers}: must be at least 1")
     job = PatchJob(
         points=tuple(points), year=args.year, out=args.out, source=args.source,
-        source_options=_source_options(args.source_option, args.products),
+        source_options=source_options(args.source_option, args.products),
         checkpoint=args.checkpoint, inference=settings_from_args(args), min_valid=args.min_valid,
         geotiff=not args.no_geotiff, labels=not args.no_labels,
     )

@@ -28,7 +28,7 @@ import numpy as np
 from odc.geo.geobox import GeoBox
 
 from gum_ray import __version__
-from gum_ray.bands import decode_compact, encode_compact, export_band_names
+from gum_ray.bands import COMPACT_ENCODING_VERSION, decode_compact, encode_compact, export_band_names
 from gum_ray.errors import InputError
 from gum_ray.grid import Cell, geobox_from_dict, geobox_to_dict
 from gum_ray.store import fs
@@ -91,7 +91,9 @@ class ImageryCache:
             meta = json.loads(fs.read_bytes(fs.join(self.path(year, cell), "zarr.json")))
         except FileNotFoundError:
             return False
-        return bool(meta.get("attributes", {}).get("complete"))
+        attrs = meta.get("attributes", {})
+        # an entry in another version of the compact encodings is refetched, never misread
+        return bool(attrs.get("complete")) and attrs.get("encoding_version") == COMPACT_ENCODING_VERSION
 
     def cells(self, year: int) -> list[str]:
         """Ids of cells with an entry (complete or not) for ``year``."""
@@ -163,6 +165,7 @@ class ImageryCache:
                 "geobox": geobox_to_dict(geobox),
                 "band_names": band_names,
                 "encoding": "gum_ray.bands.encode_compact",
+                "encoding_version": COMPACT_ENCODING_VERSION,
                 "provenance": json.loads(json.dumps(dict(provenance or {}), default=str)),
                 "software_version": __version__,
                 "cached_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
