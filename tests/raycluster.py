@@ -57,4 +57,30 @@ def ray_head(num_cpus: int = 2):
                 time.sleep(1)
         yield f"127.0.0.1:{port}", url, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        stop_cluster(tmp)
+
+
+def stop_cluster(temp_dir: Path) -> None:
+    """Stop this head only (not `ray stop`, which would stop every Ray on the machine, including a
+    local one the test process itself may be connected to): its processes name its temp dir."""
+    import psutil
+
+    ours = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp_dir) in part for part in (p.info["cmdline"] or [])):
+                ours.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    # workers do not name the temp dir: take the children of the head's processes too
+    for p in list(ours):
+        try:
+            ours.extend(p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for p in ours:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(ours, timeout=30)

@@ -122,23 +122,27 @@ def test_kill_driver_mid_run_then_resume_is_byte_identical(tmp_path, ckpt):
     # the interrupted run: kill -9 the driver once the first cell is committed
     run_dir = tmp_path / "run"
     args = gum + job_args(run_dir, ckpt, "--lease-ttl", "25", "--write-concurrency", "1") + list(bbox_big)
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    markers = run_dir / "product.zarr" / "_manifest" / "2020"
-    deadline = time.time() + 600
-    while time.time() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(60)
-    n_before = len(list(markers.glob("*.json")))
-    assert 1 <= n_before < 6, "the run must be interrupted mid-way"
-    # while the dead run's lease is fresh, a second run is refused and writes nothing
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "another run" in r.stderr, r.stderr[-2000:]
-    assert len(list(markers.glob("*.json"))) == n_before
-    lease = json.loads((run_dir / "product.zarr" / "_manifest" / "lease.json").read_text())
-    time.sleep(max(0.0, lease["heartbeat"] + lease["ttl_s"] - time.time()) + 1)  # the lease expires
-    os.killpg(proc.pid, signal.SIGKILL) if _alive(proc.pid) else None
-    r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    log = open(tmp_path / "killed-run.log", "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+    try:
+        markers = run_dir / "product.zarr" / "_manifest" / "2020"
+        deadline = time.time() + 600
+        while time.time() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+        n_before = len(list(markers.glob("*.json")))
+        assert 1 <= n_before < 6, "the run must be interrupted mid-way"
+        # while the dead run's lease is fresh, a second run is refused and writes nothing
+        r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "another run" in r.stderr, r.stderr[-2000:]
+        assert len(list(markers.glob("*.json"))) == n_before
+        lease = json.loads((run_dir / "product.zarr" / "_manifest" / "lease.json").read_text())
+        time.sleep(max(0.0, lease["heartbeat"] + lease["ttl_s"] - time.time()) + 1)  # the lease expires
+        r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    finally:
+        _kill_group(proc.pid)  # the killed driver's local Ray daemons, orphaned as in a real crash
+        log.close()
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{6 - n_before} cells mapped, {n_before} already done" in r.stderr
     assert _shards(run_dir / "product.zarr") == _shards(ref_dir / "product.zarr")
@@ -147,9 +151,8 @@ def test_kill_driver_mid_run_then_resume_is_byte_identical(tmp_path, ckpt):
         assert rec["cell_id"] == m.stem
 
 
-def _alive(pid: int) -> bool:
+def _kill_group(pgid: int) -> None:
     try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

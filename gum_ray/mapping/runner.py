@@ -190,12 +190,16 @@ class Progress:
 # ------------------------------------------------------------------------------------ Ray
 
 
-def connect_ray(address: str | None, job: MapJob) -> None:
-    """Join the Ray cluster at ``address`` (or the job's, under ``ray job submit``), else start one."""
+def connect_ray(address: str | None, job: MapJob) -> bool:
+    """Join the Ray cluster at ``address`` (or the job's, under ``ray job submit``), else start one.
+
+    Returns True when this call connected (the caller then disconnects when done), False when this
+    process was already connected.
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False,
                               "runtime_env": {"env_vars": {k: v for k, v in os.environ.items()
                                                            if k.startswith(("GUM_", "STORAGE_EMULATOR"))}}}
@@ -209,6 +213,7 @@ def connect_ray(address: str | None, job: MapJob) -> None:
             ray.init(**kwargs)
         else:
             ray.init(address="local", **kwargs)
+        return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or os.environ.get("RAY_ADDRESS")
         raise GumError(
@@ -258,8 +263,6 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
     import ray
 
     from gum_ray.model import load_checkpoint
-    from gum_ray.store.manifest import Manifest
-    from gum_ray.store.product import ProductSettings, ProductStore
 
     t0 = time.time()
     source = job.make_source()  # validates the source options before anything is written
@@ -275,7 +278,18 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
     del loaded
     cells = plan_cells(job)
     _check_existing_product(job)
-    connect_ray(ray_address, job)
+    connected_here = connect_ray(ray_address, job)
+    try:
+        return _run_connected(job, source, cells, checkpoint, sha, t0, live, log_every_s)
+    finally:
+        if connected_here:  # a local Ray started for this run stops with it
+            ray.shutdown()
+
+
+def _run_connected(job, source, cells, checkpoint, sha, t0, live, log_every_s) -> Summary:
+    from gum_ray.store.manifest import Manifest
+    from gum_ray.store.product import ProductSettings, ProductStore
+
     # A cluster-wide resource of the source (Earth Engine's in-flight cap, a named Ray actor) is
     # created here, so the driver owns it for the whole run; the workers find it by name.
     cluster_limiter = getattr(source, "limiter", None)
