@@ -17,7 +17,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from gum_ray import bands
-from gum_ray.errors import InputError
+from gum_ray.errors import InputError, require_file
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -65,13 +65,7 @@ class ExportFile:
 
 def open_export(path: str | Path) -> ExportFile:
     """Open and validate a GUM export GeoTIFF (11 or 14 float bands, georeferenced)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, expected a GeoTIFF file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: the file is empty; export it again")
+    path = require_file(path, label=str(path), expect="a GeoTIFF file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from gum_ray.errors import CheckpointError
+from gum_ray.errors import CheckpointError, require_file
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _read_checkpoint_file(path: Path) -> Any:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path}: is a folder; give the .pth file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path}: the file is empty")
+    require_file(path, label=f"checkpoint {path}", expect="the .pth file", error=CheckpointError)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure of the safe loader is examined below
