@@ -95,3 +95,27 @@ def test_failing_cells_are_set_aside_and_the_run_goes_on(tmp_path, ckpt, capsys)
     assert report["set_aside"] == 1 and report["done"] == 0
     (cell_id, error), = report["errors"].items()
     assert cell_id.startswith("r") and error
+
+
+def test_lease_one_writer_per_product(tmp_path):
+    from gum_ray.errors import GumError
+    from gum_ray.mapping.lease import LeaseLost, RunLease, assert_lease_held
+
+    product = str(tmp_path / "p.zarr")
+    (tmp_path / "p.zarr").mkdir()
+    first = RunLease(product, ttl_s=0.5)
+    first.acquire()
+    assert_lease_held(product, first.run_id)
+    with pytest.raises(GumError, match="another run"):
+        RunLease(product, ttl_s=0.5).acquire()
+    import time
+
+    time.sleep(0.6)  # the first run stops beating: its lease goes stale
+    with pytest.raises(LeaseLost):
+        assert_lease_held(product, first.run_id)
+    second = RunLease(product, ttl_s=30)
+    second.acquire()  # takes over the expired lease
+    assert_lease_held(product, second.run_id)
+    with pytest.raises(LeaseLost, match="holder"):
+        assert_lease_held(product, first.run_id)
+    second.release()

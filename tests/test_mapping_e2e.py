@@ -5,6 +5,7 @@ imagery on the same grid, read back by coordinates through xarray.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -133,22 +134,32 @@ def test_kill_driver_mid_run_then_resume_is_byte_identical(tmp_path, ckpt):
         proc.wait(60)
         n_before = len(list(markers.glob("*.json")))
         assert 1 <= n_before < 6, "the run must be interrupted mid-way"
-        # while the dead run's lease is fresh, a second run is refused and writes nothing
+        lease = json.loads((run_dir / "product.zarr" / "_manifest" / "lease.json").read_text())
+        first_run, expires = lease["run_id"], lease["heartbeat"] + lease["ttl_s"]
+        # while the dead run's lease is fresh, a second run is refused (before writing anything)
         r = subprocess.run(args, capture_output=True, text=True, timeout=300)
         assert r.returncode != 0 and "another run" in r.stderr, r.stderr[-2000:]
-        assert len(list(markers.glob("*.json"))) == n_before
-        lease = json.loads((run_dir / "product.zarr" / "_manifest" / "lease.json").read_text())
-        time.sleep(max(0.0, lease["heartbeat"] + lease["ttl_s"] - time.time()) + 1)  # the lease expires
+        time.sleep(max(0.0, expires - time.time()) + 1)  # the lease expires
+        # tasks the dead driver left running may have committed cells until now, never after
+        n_first = len(list(markers.glob("*.json")))
         r = subprocess.run(args, capture_output=True, text=True, timeout=900)
     finally:
         _kill_group(proc.pid)  # the killed driver's local Ray daemons, orphaned as in a real crash
         log.close()
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"{6 - n_before} cells mapped, {n_before} already done" in r.stderr
+    assert f"{6 - n_first} cells mapped, {n_first} already done" in r.stderr
     assert _shards(run_dir / "product.zarr") == _shards(ref_dir / "product.zarr")
+    # no cell was written by two runs at once: the first run's cells were all committed before its
+    # lease expired, the rest by the final run
+    runs = {}
     for m in markers.glob("*.json"):
         rec = json.loads(m.read_text())
         assert rec["cell_id"] == m.stem
+        runs.setdefault(rec["run_id"], []).append(rec)
+    assert len(runs) == 2 and len(runs[first_run]) == n_first
+    for rec in runs[first_run]:
+        committed = datetime.datetime.fromisoformat(rec["times"]["committed"]).timestamp()
+        assert committed <= expires
 
 
 def _kill_group(pgid: int) -> None:

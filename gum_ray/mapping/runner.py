@@ -23,13 +23,13 @@ import resource
 import socket
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 from gum_ray.errors import GumError, InputError
 from gum_ray.grid import Cell, cells_for_aoi, pixel_area_rows
 from gum_ray.mapping.job import MapJob
+from gum_ray.mapping.lease import RunLease
 from gum_ray.mapping.stages import CellPredictor, fetch_cell, write_cell
 
 log = logging.getLogger(__name__)
@@ -64,58 +64,6 @@ def plan_cells(job: MapJob) -> list[Cell]:
             f"the {job.source} source (all its cells are ocean); check the coordinates (lon, lat order)"
         )
     return cells
-
-
-# ------------------------------------------------------------------------------------ the lease
-
-
-class RunLease:
-    """One writer per product: a create-only lease object with a heartbeat."""
-
-    def __init__(self, product: str, ttl_s: float):
-        from gum_ray.store import fs
-
-        self.fs = fs
-        self.path = fs.join(product, "_manifest", "lease.json")
-        self.ttl_s = ttl_s
-        self.run_id = uuid.uuid4().hex[:12]
-        self.last_beat = 0.0
-
-    def _record(self) -> bytes:
-        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                           "heartbeat": time.time(), "ttl_s": self.ttl_s}).encode()
-
-    def acquire(self) -> None:
-        if self.fs.create_only(self.path, self._record()):
-            self.last_beat = time.time()
-            return
-        try:
-            other = json.loads(self.fs.read_bytes(self.path))
-        except (FileNotFoundError, ValueError):
-            other = {}
-        age = time.time() - float(other.get("heartbeat", 0))
-        if age < float(other.get("ttl_s", self.ttl_s)):
-            raise GumError(
-                f"another run ({other.get('run_id')}, host {other.get('host')}, pid {other.get('pid')}) "
-                f"is writing this product (heartbeat {age:.0f} s ago). Wait for it to finish; if it "
-                f"died, its lease expires {float(other.get('ttl_s', self.ttl_s)) - age:.0f} s from now"
-            )
-        log.warning("taking over the expired lease of run %s (%.0f s old)", other.get("run_id"), age)
-        self.fs.remove(self.path)
-        if not self.fs.create_only(self.path, self._record()):
-            raise GumError("another run took the product's lease at the same moment; try again")
-        self.last_beat = time.time()
-
-    def beat(self) -> None:
-        if time.time() - self.last_beat > min(10.0, self.ttl_s / 3):
-            self.fs.write_bytes(self.path, self._record())
-            self.last_beat = time.time()
-
-    def release(self) -> None:
-        try:
-            self.fs.remove(self.path)
-        except FileNotFoundError:
-            pass
 
 
 # ------------------------------------------------------------------------------------ progress
@@ -244,8 +192,8 @@ def _remote_stages(job: MapJob, n_gpus: float):
         return fetch_cell(job, year, row, col)
 
     @ray.remote(num_cpus=0.5, max_retries=0)
-    def gum_write(job, year, row, col, predicted, sha, times):
-        return write_cell(job, year, row, col, predicted, sha, times)
+    def gum_write(job, year, row, col, predicted, sha, times, run_id):
+        return write_cell(job, year, row, col, predicted, sha, times, run_id)
 
     opts: dict[str, Any] = {"max_restarts": 1, "max_task_retries": 0}
     if n_gpus >= 1:
@@ -428,7 +376,8 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
                     w_done, _ = ray.wait(list(writing), num_returns=1)
                     _finish_write(w_done[0], writing, summary, fail)
                 times = {"fetch_s": round(info.get("fetch_s", 0), 3), "fetched": info.get("fetched")}
-                writing[gum_write.remote(job_ref, year, cell.row, cell.col, ref, sha, times)] = (year, cell)
+                writing[gum_write.remote(job_ref, year, cell.row, cell.col, ref, sha, times,
+                                         lease.run_id)] = (year, cell)
             elif ref in writing:
                 _finish_write(ref, writing, summary, fail)
         lease.beat()
