@@ -133,6 +133,11 @@ def crop_starts(n: int, stride: int, crop: int = CROP, origin: int | None = None
     return sorted(starts)
 
 
+def crop_count(height: int, width: int, stride: int) -> int:
+    """Crops the engine runs over a ``height`` x ``width`` scene (mmseg's rule; small sides padded)."""
+    return len(crop_starts(max(height, CROP), stride)) * len(crop_starts(max(width, CROP), stride))
+
+
 def window_2d(kind: str, crop: int = CROP) -> np.ndarray:
     if kind == "none":
         return np.ones((crop, crop), np.float32)
@@ -366,6 +371,7 @@ __all__ = [
     "InferenceEngine",
     "InferenceSettings",
     "Prediction",
+    "crop_count",
     "crop_starts",
     "probability_to_uint8",
     "window_2d",

@@ -9,7 +9,6 @@ a file that looks finished.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -25,7 +24,8 @@ from rasterio.windows import Window
 from gum_ray import __version__, bands
 from gum_ray.errors import InputError
 from gum_ray.export_io import ExportFile, list_exports, open_export
-from gum_ray.inference import InferenceEngine, probability_to_uint8
+from gum_ray.inference import InferenceEngine, crop_count, probability_to_uint8
+from gum_ray.store.cog import write_cog
 from gum_ray.model import LoadedModel
 
 NODATA = 255
@@ -85,7 +85,7 @@ def predict_file(
                 "'with products' model; give a 14-band export or the 10-channel checkpoint"
             )
         if on_start is not None:
-            on_start(_crop_count(engine, src.height, src.width))
+            on_start(crop_count(src.height, src.width, engine.settings.stride))
         valid_rows: dict[int, np.ndarray] = {}
 
         def read_rows(y0: int, y1: int) -> np.ndarray:
@@ -94,8 +94,7 @@ def predict_file(
             return bands.preprocess(raw, with_products=loaded.spec.with_products)
 
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent)
-        try:
+        with tempfile.TemporaryDirectory(prefix=f".{output_path.name}.", dir=output_path.parent) as tmpdir:
             plain = Path(tmpdir) / "plain.tif"
             profile = _output_profile(src)
             with rasterio.open(plain, "w", **profile) as dst:
@@ -119,22 +118,13 @@ def predict_file(
                 dst.update_tags(1, units="percent", meaning="P(urban) x 100, 255 = no data")
                 dst.update_tags(2, meaning="1 = urban, 0 = not urban, 255 = no data")
             cog_tmp = Path(tmpdir) / "cog.tif"
-            write_cog(plain, cog_tmp)
+            # nearest overviews: band 2 holds classes
+            write_cog(plain, cog_tmp, overview_resampling="nearest")
             os.replace(cog_tmp, output_path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                for f in Path(tmpdir).iterdir():
-                    f.unlink()
-                os.rmdir(tmpdir)
         pixels = src.height * src.width
     return PredictResult(input_path, output_path, False, pixels, time.perf_counter() - t0)
 
 
-def _crop_count(engine: InferenceEngine, h: int, w: int) -> int:
-    from gum_ray.inference import CROP, crop_starts
-
-    s = engine.settings.stride
-    return len(crop_starts(max(h, CROP), s)) * len(crop_starts(max(w, CROP), s))
 
 
 def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFile) -> np.ndarray:
@@ -170,23 +160,4 @@ def _output_profile(src: ExportFile) -> dict:
         blockysize=512,
         compress="deflate",
         BIGTIFF="IF_SAFER",
-    )
-
-
-def write_cog(src_path: Path, dst_path: Path) -> None:
-    """Translate a GeoTIFF into a COG: 512 px blocks, ZSTD, internal overviews (nearest)."""
-    from rio_cogeo.cogeo import cog_translate
-    from rio_cogeo.profiles import cog_profiles
-
-    profile = cog_profiles.get("zstd")
-    profile.update(blockxsize=512, blockysize=512)
-    cog_translate(
-        str(src_path),
-        str(dst_path),
-        profile,
-        nodata=NODATA,
-        overview_resampling="nearest",
-        quiet=True,
-        in_memory=False,
-        use_cog_driver=False,
     )

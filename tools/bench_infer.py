@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from gum_ray import bands  # noqa: E402
 from gum_ray.export_io import open_export  # noqa: E402
-from gum_ray.inference import (CROP, InferenceEngine, InferenceSettings, crop_starts,  # noqa: E402
+from gum_ray.inference import (CROP, InferenceEngine, InferenceSettings, crop_count,  # noqa: E402
                                flops_per_crop, resolve_precision)
 from gum_ray.model import CONFIG_DIR, GUM_10, load_checkpoint, random_checkpoint  # noqa: E402
 
@@ -143,7 +143,7 @@ def main() -> int:
     rows = []
 
     seed_cfg = str(CONFIG_DIR / "gum_unet_psp.py")
-    n_seed = len(crop_starts(h, 256)) * len(crop_starts(w, 256))
+    n_seed = crop_count(h, w, 256)
     best_a = best_b = float("inf")
     for _ in range(args.repeats):
         ta, ref = run_seed(seed_cfg, str(ckpt), export, args.device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from gum_ray.inference import CROP, crop_starts
+from gum_ray.inference import crop_count
 from gum_ray.mapping.job import MapJob
 from gum_ray.mapping.runner import cell_km2, plan_cells
 
@@ -73,8 +73,7 @@ def estimate(job: MapJob, *, device: str = "gpu", sample: int = 64) -> Plan:
         g = c.utm_geobox(job.halo_px)
         h, w = g.shape
         utm += h * w
-        s = job.inference.stride
-        crops += len(crop_starts(max(h, CROP), s)) * len(crop_starts(max(w, CROP), s))
+        crops += crop_count(h, w, job.inference.stride)
         for m in mods:
             bpp = request_bytes_per_pixel(band_codes(m))
             reqs += len(plan_tiles(h, w, bpp))

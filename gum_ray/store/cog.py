@@ -57,6 +57,32 @@ def _shifted_geometry(aoi: AOI) -> list[Any]:
     return [shapely.affinity.translate(p, xoff=360.0) if p.bounds[2] < w else p for p in aoi.parts]
 
 
+def write_cog(src: str | os.PathLike, dst: str | os.PathLike, *, overview_resampling: str,
+              metadata: dict[str, str] | None = None) -> None:
+    """Translate a uint8 GeoTIFF into a COG: 512 px blocks (overviews too), ZSTD, nodata 255,
+    internal overviews, band tags kept. ``overview_resampling``: ``average`` for probabilities,
+    ``nearest`` where a band holds classes."""
+    from rio_cogeo.cogeo import cog_translate
+    from rio_cogeo.profiles import cog_profiles
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Non-standard compression schema.*")
+        profile = dict(cog_profiles.get("zstd"))
+        profile.update({"blockxsize": BLOCK, "blockysize": BLOCK, "BIGTIFF": "IF_SAFER"})
+        cog_translate(
+            str(src),
+            str(dst),
+            profile,
+            nodata=NODATA,
+            overview_resampling=overview_resampling,
+            in_memory=False,
+            quiet=True,
+            forward_band_tags=True,
+            additional_cog_metadata=metadata,
+            config={"GDAL_NUM_THREADS": "2", "GDAL_TIFF_OVR_BLOCKSIZE": str(BLOCK)},
+        )
+
+
 def export_cog(
     product: str | ProductStore,
     out: str | os.PathLike[str],
@@ -75,8 +101,6 @@ def export_cog(
     from affine import Affine
     from rasterio.features import geometry_mask
     from rasterio.windows import Window
-    from rio_cogeo.cogeo import cog_translate
-    from rio_cogeo.profiles import cog_profiles
 
     p = product if isinstance(product, ProductStore) else ProductStore.open(product)
     p._check_level(level)
@@ -131,27 +155,17 @@ def export_cog(
             dst.update_tags(
                 1, units="percent", year=str(year), nodata_meaning="no data",
             )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Non-standard compression schema.*")
-            profile = dict(cog_profiles.get("zstd"))
-            profile.update({"blockxsize": BLOCK, "blockysize": BLOCK, "BIGTIFF": "IF_SAFER"})
-            cog_translate(
-                tmp_src.name,
-                tmp_dst.name,
-                profile,
-                nodata=NODATA,
-                overview_resampling="average",
-                in_memory=False,
-                quiet=True,
-                forward_band_tags=True,
-                additional_cog_metadata={
-                    "gum_product": p.root,
-                    "gum_year": str(year),
-                    "gum_level": str(level),
-                    "software": f"gum-ray {__version__}",
-                },
-                config={"GDAL_NUM_THREADS": "2", "GDAL_TIFF_OVR_BLOCKSIZE": str(BLOCK)},
-            )
+        write_cog(
+            tmp_src.name,
+            tmp_dst.name,
+            overview_resampling="average",
+            metadata={
+                "gum_product": p.root,
+                "gum_year": str(year),
+                "gum_level": str(level),
+                "software": f"gum-ray {__version__}",
+            },
+        )
         if local_out is not None:
             os.replace(tmp_dst.name, local_out)
         else:
