@@ -21,6 +21,8 @@ COMMANDS = {
     "export": "export",
     "stats": "stats",
     "preview": "preview",
+    "tiles": "tiles",
+    "serve": "serve",
     "map": "map",
     "plan": "plan",
     "status": "status",
