@@ -24,10 +24,10 @@ HOLE = GRID.cell_at(8.5735, 47.3735)  # near the town, inside the zoom-14 tile o
 YEARS = (2020, 2021)
 
 
-def town_cells() -> list:
-    w, s, e, n = TOWN_BBOX
-    top, left = GRID.cell_at(w + 1e-6, n - 1e-6), GRID.cell_at(e - 1e-6, s + 1e-6)
-    return [GRID.cell(r, c) for r in range(top.row, left.row + 1) for c in range(top.col, left.col + 1)]
+def town_cells(bbox=TOWN_BBOX, grid: ProductGrid = GRID) -> list:
+    w, s, e, n = bbox
+    top, left = grid.cell_at(w + 1e-6, n - 1e-6), grid.cell_at(e - 1e-6, s + 1e-6)
+    return [grid.cell(r, c) for r in range(top.row, left.row + 1) for c in range(top.col, left.col + 1)]
 
 
 def town_probability(cell, year: int) -> np.ndarray:
@@ -45,9 +45,11 @@ def town_probability(cell, year: int) -> np.ndarray:
     return np.clip(np.round(p * 100), 0, 100).astype(np.uint8)
 
 
-def make_town_product(root: str, years=YEARS, *, hole: bool = True) -> ProductStore:
-    p = ProductStore.create(root, settings=SETTINGS, years=list(years))
-    cells = [c for c in town_cells() if not (hole and c == HOLE)]
+def make_town_product(root: str, years=YEARS, *, hole: bool = True, bbox=TOWN_BBOX,
+                      settings: ProductSettings = SETTINGS) -> ProductStore:
+    """The product over ``bbox`` (default: the 5 x 5 cells of the demo town, less ``HOLE``)."""
+    p = ProductStore.create(root, settings=settings, years=list(years))
+    cells = [c for c in town_cells(bbox, settings.grid) if not (hole and c == HOLE)]
     for y in years:
         for c in cells:
             p.write_cell(y, c, town_probability(c, y))

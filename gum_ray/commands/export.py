@@ -1,4 +1,9 @@
-"""``gum export --bbox W S E N --year Y OUT.tif``: a Cloud Optimized GeoTIFF of any area of the product."""
+"""``gum export --bbox W S E N --year Y OUT.tif``: a Cloud Optimized GeoTIFF of any area of the product.
+
+Also ``--format geoparquet|geojson`` (urban-area polygons, :mod:`gum_ray.store.polygons`) and
+``--cogs OUT/`` (one COG per written cell, a GDAL VRT and a STAC collection over them,
+:mod:`gum_ray.store.cogs_export`).
+"""
 
 from __future__ import annotations
 
@@ -28,18 +33,39 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "255 = no data, 512 px blocks, ZSTD, internal overviews, EPSG:4326 on the product grid). "
         "GDAL before 3.13 cannot read sharded Zarr: this is what GIS users open.",
     )
-    p.add_argument("output", help="output .tif (local path or gs://)")
+    p.add_argument("output", help="output .tif, .parquet or .geojson (local path or gs://); a folder with --cogs")
     p.add_argument("--year", type=int, required=True, help="the year to export")
     add_aoi_arguments(p, bbox_help="area to export")
     add_product_argument(p)
     p.add_argument("--level", type=int, default=0, help="pyramid level: 0 = full resolution (default)")
     p.add_argument("--no-overwrite", action="store_true", help="fail if the output exists")
+    p.add_argument("--format", choices=["cog", "geoparquet", "geojson"], default=None,
+                   help="cog (a GeoTIFF), or urban-area polygons as geoparquet / geojson "
+                   "(default: from the output's suffix)")
+    p.add_argument("--threshold", type=int, default=50,
+                   help="polygons: urban when P(urban) >= this %% (default 50)")
+    p.add_argument("--min-area", type=float, default=0.01, metavar="KM2",
+                   help="polygons: drop polygons smaller than this many km2 (default 0.01 = 1 ha)")
+    p.add_argument("--simplify", type=float, default=1.0, metavar="PX",
+                   help="polygons: simplification tolerance in product pixels of 1/12000 degree "
+                   "(default 1 = about 9 m; 0 = exact pixel edges)")
+    p.add_argument("--cogs", action="store_true",
+                   help="OUTPUT is a folder: one COG per written cell of the year (within the bbox, "
+                   "if given), a GDAL VRT over them and a STAC collection")
+    p.add_argument("--workers", type=int, default=2, help="--cogs: COGs written at once (default 2)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from gum_ray.store.cog import export_cog
 
+    if args.cogs:
+        return _run_cogs(args)
+    fmt = args.format
+    if fmt is None and args.output.lower().endswith((".parquet", ".geoparquet", ".geojson", ".json")):
+        fmt = "geojson" if args.output.lower().endswith((".geojson", ".json")) else "geoparquet"
+    if fmt in ("geoparquet", "geojson"):
+        return _run_polygons(args, fmt)
     aoi = aoi_from_args(args)
     res = export_cog(
         args.product, args.output, year=args.year, aoi=aoi, level=args.level, overwrite=not args.no_overwrite
@@ -48,4 +74,27 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {res.path}: {res.width} x {res.height} px, level {res.level}, "
         f"{res.valid_px:,} px with data"
     )
+    return 0
+
+
+def _run_polygons(args: argparse.Namespace, fmt: str) -> int:
+    from gum_ray.store.polygons import export_polygons
+
+    res = export_polygons(
+        args.product, args.output, year=args.year, aoi=aoi_from_args(args), fmt=fmt,
+        threshold=args.threshold, min_area_km2=args.min_area, simplify_px=args.simplify,
+        overwrite=not args.no_overwrite,
+    )
+    print(f"wrote {res.path}: {res.polygons:,} urban polygons (P >= {args.threshold} %), "
+          f"{res.urban_km2:,.3f} km2; {res.dropped_small:,} under {args.min_area:g} km2 dropped")
+    return 0
+
+
+def _run_cogs(args: argparse.Namespace) -> int:
+    from gum_ray.store.cogs_export import export_cogs
+
+    aoi = aoi_from_args(args) if (args.bbox or args.aoi) else None
+    res = export_cogs(args.product, args.output, year=args.year, aoi=aoi, workers=args.workers)
+    print(f"wrote {res.written:,} COGs ({res.skipped:,} already there) of {res.cells:,} written cells, "
+          f"{res.vrt} and {res.collection}")
     return 0
