@@ -206,3 +206,46 @@ def test_page_falls_back_to_the_cdn_without_a_local_leaflet(town, tmp_path):
     assert 'src="https://unpkg.com/leaflet@1.9.4/dist/leaflet.js" integrity="sha256-' in page
     assert not (out / "vendor").exists()
     shutil.rmtree(out)
+
+
+def test_click_shows_input_quality_when_the_product_records_it(browser, tmp_path):
+    """Static tiles (quality tiles at the top zoom) and gum serve (the product) both show it."""
+    from gum_ray.viewer.server import ProductViewer, ViewerServer
+    from tests.town import add_input_quality
+
+    root = str(tmp_path / "product.zarr")
+    p = make_town_product(root, years=(2020,))
+    lon, lat, v = urban_pixel(p, 2020)
+    cell = p.grid.cell_at(lon, lat)
+    codes = np.full(cell.shape, 1 | 4, np.uint8)  # Sentinel-2 and terrain, no Sentinel-1
+    add_input_quality(root, 2020, cell, codes)
+    expect_q = "Sentinel-2 ✓, Sentinel-1 ✗, terrain ✓"
+
+    server = ViewerServer(ProductViewer(root, basemap="none"), "127.0.0.1", 0).start()
+    try:
+        page = Page(browser, f"{server.url}?lon={lon}&lat={lat}&z=15")
+        got = page.click_value(lon, lat)
+        assert got["value"]["input_quality_code"] == 5 and got["q"] == expect_q
+        assert got["p"].startswith(f"{v} %") and page.problems == []
+    finally:
+        server.stop()
+
+    out = tmp_path / "web"
+    assert main(["tiles", "--product", root, "--year", "2020", "--zoom", "13-15", "--quiet",
+                 "--basemap", "none", str(out)]) == 0
+    assert list((out / "2020" / "quality" / "15").rglob("*.png")) and not (out / "2020" / "quality" / "14").exists()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(out)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        page = Page(browser, f"http://127.0.0.1:{httpd.server_address[1]}/index.html?lon={lon}&lat={lat}&z=15")
+        got = page.click_value(lon, lat)
+        assert got["q"] == expect_q and got["p"].startswith(f"{v} %")
+        assert page.problems == []
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

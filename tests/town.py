@@ -55,3 +55,29 @@ def make_town_product(root: str, years=YEARS, *, hole: bool = True, bbox=TOWN_BB
             p.write_cell(y, c, town_probability(c, y))
     p.build_overviews(cells, years=list(years))
     return p
+
+
+def add_input_quality(root: str, year: int, cell, codes: np.ndarray) -> None:
+    """Give the product an ``input_quality`` variable (the contract in docs/viewer.md: uint8 bit
+    flags 1 = Sentinel-2, 2 = Sentinel-1, 4 = terrain, 255 = no data, on the probability's grid and
+    shards) and write one cell of it, as the writer of a later product version will."""
+    import zarr
+
+    from gum_ray.store import fs
+
+    p = ProductStore.open(root, writable=True)
+    prob = p._array(0)
+    g = zarr.open_group(fs.zarr_store(p.root), mode="r+")
+    if "input_quality" not in g:
+        arr = g.create_array(
+            "input_quality", shape=prob.shape, dtype="uint8", fill_value=255, chunks=prob.chunks,
+            shards=prob.shards, dimension_names=("year", "y", "x"),
+            attributes={"long_name": "inputs present (bit flags: 1 Sentinel-2, 2 Sentinel-1, 4 terrain)",
+                        "_FillValue": 255},
+        )
+        p.consolidate()
+    else:
+        arr = g["input_quality"]
+    yi = p.year_index(year)
+    arr[yi : yi + 1, cell.y_slice, cell.x_slice] = codes[None].astype(np.uint8)
+    p.consolidate()
