@@ -566,8 +566,18 @@ def _run_ray(renderer: TileRenderer, out_year: str, jobs: list[tuple[int, list[t
              zooms: tuple[int, int], quality: bool, bar: Any, address: str | None) -> tuple[int, int]:
     import ray
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    try:
+        return _run_ray_tasks(ray, renderer, out_year, jobs, zooms, quality, bar)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_ray_tasks(ray: Any, renderer: TileRenderer, out_year: str, jobs: list[tuple[int, list[tuple[int, int]]]],
+                   zooms: tuple[int, int], quality: bool, bar: Any) -> tuple[int, int]:
     task = ray.remote(num_cpus=1)(_ray_render)
     cells_ref = ray.put([(c.row, c.col) for c in renderer.cells])
     grid = renderer.grid
