@@ -247,6 +247,7 @@ def export_polygons(
                                 shapely.geometry.polygon.orient(shapely.set_precision(geom, 1e-7), 1.0)))}
                     f.write(("" if n == 1 else ",\n") + json.dumps(feat, separators=(",", ":")))
                 f.write("\n]}\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the export is for sharing
         if local is not None:
             os.replace(tmp, local)
         else:

@@ -673,6 +673,7 @@ def write_pmtiles(out: str, year: int, plan: dict[int, set[tuple[int, int]]], me
                 },
                 {k: v for k, v in meta.items() if k not in ("tiles", "gum")},
             )
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
         fs.put_file(tmp, target)
     finally:
         if os.path.exists(tmp):
