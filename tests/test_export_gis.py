@@ -154,3 +154,19 @@ def test_cogs_bad_input_is_one_line(towns, tmp_path, capsys):
                  str(tmp_path / "g")]) == 2
     assert "no product at" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_polygons_follow_a_geojson_aoi_like_gum_stats(towns, tmp_path, capsys):
+    tri = tmp_path / "tri.geojson"
+    tri.write_text(json.dumps({"type": "Polygon", "coordinates": [[[8.555, 47.35], [8.63, 47.35], [8.555, 47.42], [8.555, 47.35]]]}))
+    out = tmp_path / "tri.geojson.out.geojson"
+    assert main(["export", "--product", towns, "--aoi", str(tri), "--year", "2021", "--simplify", "0",
+                 "--min-area", "0", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["stats", "--product", towns, "--aoi", str(tri), "--year", "2021", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)["years"][0]
+    feats = json.loads(out.read_text())["features"]
+    total = sum(f["properties"]["area_km2"] for f in feats)
+    assert stats["urban_km2"] > 0.3 and abs(total - stats["urban_km2"]) <= 0.01 * stats["urban_km2"]
+    poly = shapely.Polygon([(8.555, 47.35), (8.63, 47.35), (8.555, 47.42)]).buffer(1e-4)
+    assert all(poly.contains(shapely.geometry.shape(f["geometry"])) for f in feats)

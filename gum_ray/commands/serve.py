@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving {viewer.product.root} ({years}) at {server.url}  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
+    except KeyboardInterrupt:
+        print("gum serve: stopped", flush=True)
     finally:
         server.httpd.server_close()
     return 0

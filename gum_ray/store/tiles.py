@@ -612,10 +612,9 @@ def _run_ray_tasks(ray: Any, renderer: TileRenderer, out_year: str, jobs: list[t
 def tilejson(renderer: TileRenderer, zooms: tuple[int, int], plan: dict[int, set[tuple[int, int]]],
              *, quality: bool, aoi: AOI | None = None) -> dict[str, Any]:
     """TileJSON 3.0.0 of one year's tiles, with a ``gum`` member the viewer reads."""
-    w = min(c.bounds[0] for c in renderer.cells)
-    s = min(c.bounds[1] for c in renderer.cells)
-    e = max(c.bounds[2] for c in renderer.cells)
-    n = max(c.bounds[3] for c in renderer.cells)
+    boxes = [b for c in renderer.cells for b in _clip_bounds(c, aoi)] or [c.bounds for c in renderer.cells]
+    w, s = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    e, n = max(b[2] for b in boxes), max(b[3] for b in boxes)
     return {
         "tilejson": "3.0.0",
         "name": f"GUM P(urban) {renderer.year}",
