@@ -222,3 +222,31 @@ def test_ray_backend_writes_the_same_tiles_as_threads(town, tmp_path):
     assert files == sorted(p.relative_to(b) for p in (b / "2020").rglob("*.png"))
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert os.path.exists(b / "index.html")
+
+
+@pytest.mark.slow
+def test_tiles_of_a_product_made_by_gum_map(tmp_path, capsys):
+    """The whole way: `gum map` (local Ray, synthetic source, a small GUM network) writes the
+    product and its overviews; `gum tiles` tiles it, from zoom 4 (overviews) to 15 (level 0)."""
+    from gum_ray.model import ModelSpec, random_checkpoint
+
+    ckpt = tmp_path / "tiny.pth"
+    random_checkpoint(ckpt, ModelSpec(10, 8, 4), seed=1)
+    data = tmp_path / "data"
+    assert main(["map", "--bbox", "8.571", "47.371", "8.589", "47.379", "--year", "2020", "--data-dir", str(data),
+                 "--checkpoint", str(ckpt), "--cell-deg", "0.01", "--chunk-px", "40", "--halo", "32",
+                 "--quiet", "--no-preview"]) == 0
+    root = str(data / "product.zarr")
+    out = tmp_path / "web"
+    assert main(["tiles", "--product", root, "--year", "2020", "--zoom", "4-15", "--quiet", str(out)]) == 0
+    product = ProductStore.open(root)
+    cells = written_cells(product, 2020)
+    assert len(cells) == 2
+    expect = {(t.z, t.x, t.y) for c in cells for t in mercantile.tiles(*c.bounds, zooms=list(range(4, 16)))}
+    assert written_tiles(out / "2020") == expect
+    for z, x, y in sorted(expect):
+        if z == 15:
+            values = decode_png((out / "2020" / str(z) / str(x) / f"{y}.png").read_bytes())
+            np.testing.assert_array_equal(values, expected_tile(product, 2020, mercantile.Tile(x, y, z)))
+    z4 = [t for t in expect if t[0] == 4]
+    assert len(z4) == 1 and (decode_png((out / "2020" / "4" / str(z4[0][1]) / f"{z4[0][2]}.png").read_bytes()) != NODATA).any()
