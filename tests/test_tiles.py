@@ -250,3 +250,23 @@ def test_tiles_of_a_product_made_by_gum_map(tmp_path, capsys):
             np.testing.assert_array_equal(values, expected_tile(product, 2020, mercantile.Tile(x, y, z)))
     z4 = [t for t in expect if t[0] == 4]
     assert len(z4) == 1 and (decode_png((out / "2020" / "4" / str(z4[0][1]) / f"{z4[0][2]}.png").read_bytes()) != NODATA).any()
+
+
+def test_tiles_to_gcs_equal_local_tiles_and_resume_there(town, tmp_path, gcs_emulator):
+    import uuid
+
+    from gum_ray.store import fs
+    from gum_ray.store.tiles import write_tiles
+
+    local = tmp_path / "web"
+    remote = f"gs://gum-test/tiles-{uuid.uuid4().hex[:8]}"
+    a = write_tiles(town, str(local), years=[2020], zooms=(14, 15), progress=False)[0]
+    b = write_tiles(town, remote, years=[2020], zooms=(14, 15), progress=False)[0]
+    assert a.written == b.written > 0
+    names = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and "vendor" not in p.parts)
+    assert sorted(n for n in fs.find(remote) if not n.startswith("vendor/")) == names
+    for n in names:
+        if n.endswith(".png"):
+            assert fs.read_bytes(f"{remote}/{n}") == (local / n).read_bytes()
+    again = write_tiles(town, remote, years=[2020], zooms=(14, 15), progress=False)[0]
+    assert again.written == 0 and again.skipped == a.written

@@ -28,10 +28,12 @@ def add_product_argument(p: argparse.ArgumentParser) -> None:
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
-        help="export an area of the product as a Cloud Optimized GeoTIFF",
+        help="export an area of the product as a COG, urban polygons (GeoParquet/GeoJSON), or COGs + VRT + STAC",
         description="Export P(urban) of one year over a bbox or GeoJSON AOI as a COG (uint8 percent, "
         "255 = no data, 512 px blocks, ZSTD, internal overviews, EPSG:4326 on the product grid). "
-        "GDAL before 3.13 cannot read sharded Zarr: this is what GIS users open.",
+        "GDAL before 3.13 cannot read sharded Zarr: this is what GIS users open. With --format "
+        "geoparquet|geojson (or a .parquet / .geojson output): urban-area polygons. With --cogs: one COG "
+        "per written cell, a GDAL VRT over them and a STAC collection (see docs/viewer.md).",
     )
     p.add_argument("output", help="output .tif, .parquet or .geojson (local path or gs://); a folder with --cogs")
     p.add_argument("--year", type=int, required=True, help="the year to export")

@@ -27,6 +27,11 @@ def run(args: argparse.Namespace) -> int:
 
     viewer = ProductViewer(args.product, years=args.year, max_zoom=args.max_zoom, basemap=args.basemap)
     server = ViewerServer(viewer, args.host, args.port)
+    for year, r in sorted(viewer.renderers.items()):
+        missing = r.missing_overviews(range(1, r.levels + 1))
+        if missing:
+            print(f"note: {year}: the overviews are not built over {len(missing)} shard(s); zoomed out "
+                  f"(overview level {min(m[0] for m in missing)} and up) the map is empty there", flush=True)
     years = ", ".join(map(str, sorted(viewer.renderers)))
     print(f"serving {viewer.product.root} ({years}) at {server.url}  (Ctrl-C to stop)", flush=True)
     try:

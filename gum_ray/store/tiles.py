@@ -427,9 +427,9 @@ def check_overviews(renderer: TileRenderer, zooms: tuple[int, int], plan: dict[i
 
     need: dict[int, int] = {}
     for z, tiles in plan.items():
-        for x, y in tiles:
-            lvl = tile_source(mercantile.Tile(x, y, z), renderer.levels).level
-            need.setdefault(lvl, z)
+        for y in {y for _, y in tiles}:  # the source depends on the tile row only
+            lvl = tile_source(mercantile.Tile(0, y, z), renderer.levels).level
+            need[lvl] = min(need.get(lvl, z), z)
     missing = renderer.missing_overviews(need)
     if missing:
         lvl, r, c = missing[0]
