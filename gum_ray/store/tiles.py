@@ -277,7 +277,13 @@ class TileRenderer:
         lc0, lc1 = cols.start * f, cols.stop * f
         from gum_ray.store.preview import mean_factor
 
-        for sr, sc in self.shards(k):
+        shards = self.shards(k)
+        sr0, sr1, sc0, sc1 = lr0 // n, (lr1 - 1) // n, lc0 // n, (lc1 - 1) // n
+        if (sr1 - sr0 + 1) * (sc1 - sc0 + 1) <= len(shards):  # look up the shards under the window
+            under = [(r, c) for r in range(sr0, sr1 + 1) for c in range(sc0, sc1 + 1) if (r, c) in shards]
+        else:  # or go through the few written ones
+            under = [(r, c) for r, c in shards if sr0 <= r <= sr1 and sc0 <= c <= sc1]
+        for sr, sc in under:
             r0, r1 = max(sr * n, lr0), min((sr + 1) * n, lr1, height)
             c0, c1 = max(sc * n, lc0), min((sc + 1) * n, lc1, width)
             if r0 >= r1 or c0 >= c1:
