@@ -44,8 +44,16 @@ class ExportFile:
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
         """Export rows [y0, y1) as float32 (bands, rows, width), NaN kept."""
+        return self.read_window(y0, y1, 0, self.width)
+
+    def read_window(self, y0: int, y1: int, x0: int, x1: int, indexes: list[int] | None = None) -> np.ndarray:
+        """Rows [y0, y1) x columns [x0, x1) as float32 (bands, rows, cols), NaN kept.
+
+        ``indexes``: 1-based bands to read (default all). Callers keep windows bounded (gum predict
+        reads column strips), so memory does not follow the width a header claims.
+        """
         try:
-            data = self.dataset.read(window=Window(0, y0, self.width, y1 - y0), out_dtype="float32")
+            data = self.dataset.read(indexes, window=Window(x0, y0, x1 - x0, y1 - y0), out_dtype="float32")
         except RasterioIOError as exc:
             raise InputError(f"{self.path}: could not read rows {y0}-{y1} ({exc}); the file is corrupt or truncated") from None
         nodata = self.dataset.nodata
