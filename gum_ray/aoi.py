@@ -298,7 +298,7 @@ def count_cells(aoi: Any, grid: Any, limit: int) -> int:
             continue
         shapely.prepare(part)
         cc_all = np.array(cols)
-        step = max(1, 200_000 // len(cols))
+        step = max(1, min(200_000, max(limit, 1_000)) // len(cols))  # boxes per chunk ~ the limit
         for r0 in range(rows.start, rows.stop, step):
             rr, cc = np.meshgrid(np.arange(r0, min(r0 + step, rows.stop)), cc_all, indexing="ij")
             rr, cc = rr.ravel(), cc.ravel()

