@@ -56,7 +56,8 @@ class InertState:
         self.__dict__["state"] = state
 
     def __repr__(self) -> str:
-        return f"InertState({sorted(self.__dict__.get('state') or {}) if isinstance(self.__dict__.get('state'), dict) else ''})"
+        state = self.__dict__.get("state")
+        return f"InertState({', '.join(map(str, state)) if isinstance(state, dict) else ''})"
 
 
 # Classes that mmengine pickles into training checkpoints; read as InertState, never imported.

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 NODATA = 255
 STRIP_PX = 8192  # widest column strip predicted at once (memory does not follow the scene width)
+GDAL_CACHE_MB = 256
 BAND_DESCRIPTIONS = ("urban_probability_percent", "urban_class")
 
 
@@ -88,7 +89,8 @@ def predict_file(
     if output_path.exists() and not overwrite:
         return PredictResult(input_path, output_path, skipped=True)
     t0 = time.perf_counter()
-    with open_export(input_path) as src:
+    # GDAL's block cache defaults to 5 % of RAM; a wide sparse file would fill it with empty blocks
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), open_export(input_path) as src:
         channels = bands.model_channels(loaded.spec.with_products)
         if loaded.spec.with_products and not src.with_products:
             raise InputError(

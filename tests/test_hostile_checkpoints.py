@@ -161,3 +161,22 @@ def test_convert_of_a_safe_checkpoint_needs_no_trust(tmp_path, tiny_model):
     assert loaded.meta["source_needed_trust"] is False
     with pytest.raises(InputError, match="exists"):
         convert_checkpoint(tmp_path / "ok.pth", tmp_path / "ok.safetensors")
+
+
+def test_checkpoints_pickled_under_numpy_1_load(tmp_path):
+    """The authors' checkpoints were saved with numpy 1.x, which names ``numpy.core.multiarray``."""
+    import zipfile
+
+    import numpy as np
+
+    torch.save({"meta": {"score": np.float64(0.5), "hist": np.arange(3)}, "state_dict": {"w": torch.ones(2)}},
+               tmp_path / "np2.pth")
+    with zipfile.ZipFile(tmp_path / "np2.pth") as zin, zipfile.ZipFile(tmp_path / "np1.pth", "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(info, data)
+    raw = read_checkpoint(tmp_path / "np1.pth")
+    assert raw["meta"]["score"] == 0.5 and raw["meta"]["hist"].tolist() == [0, 1, 2]

@@ -41,7 +41,7 @@ def sparse_wide_export(path, width=1_000_000, height=256, valid_at=(500_000, 0),
 
 def test_million_px_wide_sparse_header_stays_under_2_gib(tmp_path, ckpt):
     src = sparse_wide_export(tmp_path / "wide.tif")
-    assert src.stat().st_size < 2_000_000
+    assert src.stat().st_size < 4_000_000  # 2.7 MB: one written block and the tile index
     out = tmp_path / "wide_gum.tif"
     r = gum_cli("predict", src, out, "--checkpoint", ckpt, "--quiet", measure=True, timeout=900)
     assert r.returncode == 0, r.stderr
