@@ -11,7 +11,9 @@ names (``os.system`` included). gum-ray never does that. Every checkpoint is rea
   carry besides their tensors: numpy arrays, dtypes and scalars (rebuilt by numpy's own
   reconstructors, which only copy bytes), and mmengine's ``HistoryBuffer``/``MessageHub`` state,
   which is mapped onto :class:`InertState`, a class that only stores what the file holds and has no
-  behaviour. No other callable named in the file is ever called.
+  behaviour; the ``getattr(HistoryBuffer, 'mean')`` references a HistoryBuffer pickles resolve
+  only on that stand-in, to the method's name (:func:`inert_attribute`; ``builtins.getattr`` itself
+  is never called). No other callable named in the file is ever called.
 
 A file that names anything else is refused with one line listing the offending globals (found by a
 static walk over the pickle's opcodes, which runs nothing) and the way out: convert it once, on a
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import pickletools
 import re
 import zipfile
@@ -60,6 +63,18 @@ class InertState:
         return f"InertState({', '.join(map(str, state)) if isinstance(state, dict) else ''})"
 
 
+def inert_attribute(owner: Any, name: Any) -> str:
+    """Stand-in for ``builtins.getattr`` (never called): a ``HistoryBuffer`` pickles its
+    ``statistics_methods`` as ``getattr(HistoryBuffer, 'mean')`` and the like. Resolved only on the
+    inert stand-in class, to the method's name as a string; on anything else it refuses."""
+    if owner is InertState and isinstance(name, str) and name.isidentifier():
+        return f"<method {name}>"
+    raise pickle.UnpicklingError(
+        f"Unsupported global: GLOBAL builtins.getattr applied to {type(owner).__name__} (only the "
+        "statistics methods of mmengine's HistoryBuffer are read, as names)"
+    )
+
+
 # Classes that mmengine pickles into training checkpoints; read as InertState, never imported.
 INERT_CLASSES = (
     "mmengine.logging.history_buffer.HistoryBuffer",
@@ -90,7 +105,8 @@ def _numpy_globals() -> list[tuple[Any, str]]:
 
 def allowed_globals() -> list[tuple[Any, str]]:
     """(object, pickled name) pairs added to torch's own weights-only allow-list."""
-    return _numpy_globals() + [(InertState, name) for name in INERT_CLASSES]
+    return (_numpy_globals() + [(InertState, name) for name in INERT_CLASSES]
+            + [(inert_attribute, "builtins.getattr")])
 
 
 def is_safetensors(path: str | Path) -> bool:
@@ -191,6 +207,17 @@ def offending_globals(path: str | Path) -> set[str]:
     return {g for g in pickle_globals(data) if g not in allowed}
 
 
+def _normal_name(module: str, name: str) -> str:
+    """``module.name`` as Python 3 (and torch's unpickler) resolves a protocol-2 pickle's names."""
+    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+
+    if (module, name) in NAME_MAPPING:
+        module, name = NAME_MAPPING[(module, name)]
+    elif module in IMPORT_MAPPING:
+        module = IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
 def pickle_globals(data: bytes) -> set[str]:
     """Every ``module.name`` a pickle refers to (GLOBAL, STACK_GLOBAL, INST), read statically."""
     found: set[str] = set()
@@ -199,7 +226,7 @@ def pickle_globals(data: bytes) -> set[str]:
         for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
             if op.name in ("GLOBAL", "INST"):
                 module, _, name = str(arg).partition(" ")
-                found.add(f"{module}.{name}")
+                found.add(_normal_name(module, name))
             elif op.name == "STACK_GLOBAL":
                 if len(strings) >= 2:
                     found.add(f"{strings[-2]}.{strings[-1]}")

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ def build_model(spec: ModelSpec = GUM_10) -> torch.nn.Module:
     from mmseg.registry import MODELS
 
     cfg = model_config(spec)
-    model = MODELS.build(copy.deepcopy(cfg.model))
+    with warnings.catch_warnings():  # mmseg's advice about binary heads and deprecations: not the user's
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mmseg(\..*)?")
+        model = MODELS.build(copy.deepcopy(cfg.model))
     model.cfg = cfg
     model.eval()
     return model

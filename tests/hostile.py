@@ -55,7 +55,7 @@ def mmengine_training_checkpoint(path: Path, model: torch.nn.Module) -> Path:
     (a real MessageHub's state: HistoryBuffers of numpy arrays), ``optimizer`` (AdamW state after a
     step) and ``param_schedulers`` (an mmengine PolyLR's state), saved by mmengine's own writer."""
     from mmengine.logging import MessageHub
-    from mmengine.optim import PolyLR
+    from mmengine.optim import OptimWrapper, PolyLR
     from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
 
     hub = MessageHub.get_instance(f"gum-test-{path.stem}")
@@ -65,6 +65,8 @@ def mmengine_training_checkpoint(path: Path, model: torch.nn.Module) -> Path:
     hub.update_info("iter", 3)
     hub.update_info("epoch", np.int64(1))
     hub.update_info("dataset_meta", {"classes": ("background", "urban"), "palette": [[0, 0, 0], [255, 0, 0]]})
+    hub.update_info_dict({"cfg": "model = dict(type='EncoderDecoder')\n", "seed": 42,
+                          "experiment_name": "gum_stage2", "loop_stage": "train"})
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     model.train()
     x = torch.rand(2, 10, 64, 64)
@@ -83,7 +85,7 @@ def mmengine_training_checkpoint(path: Path, model: torch.nn.Module) -> Path:
         "meta": meta,
         "state_dict": weights_to_cpu(model.state_dict()),
         "message_hub": hub.state_dict(),
-        "optimizer": opt.state_dict(),
+        "optimizer": OptimWrapper(opt).state_dict(),
         "param_schedulers": [sched.state_dict()],
     }
     save_checkpoint(checkpoint, str(path))

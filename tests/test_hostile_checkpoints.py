@@ -27,8 +27,9 @@ def scene(tmp_path):
     return write_export(tmp_path / "scene.tif", random_export(64, 64))
 
 
-def test_mmengine_training_checkpoint_loads_without_trust(tmp_path, tiny_model):
-    path = mmengine_training_checkpoint(tmp_path / "iter_3.pth", randomize(build_model(TINY), 7))
+def test_mmengine_training_checkpoint_loads_without_trust(tmp_path):
+    trained = randomize(build_model(TINY), 7)
+    path = mmengine_training_checkpoint(tmp_path / "iter_3.pth", trained)  # one AdamW step, saved
     raw = read_checkpoint(path)
     # the inert state is there as data: a HistoryBuffer's numpy arrays, numpy scalars, optimizer state
     buf = raw["message_hub"]["log_scalars"]["train/loss"]
@@ -39,7 +40,8 @@ def test_mmengine_training_checkpoint_loads_without_trust(tmp_path, tiny_model):
     assert raw["param_schedulers"][0]["power"] == 0.9
     loaded = load_checkpoint(path)
     assert loaded.spec == TINY and loaded.sha256 == file_sha256(path)
-    for k, v in tiny_model.state_dict().items():
+    assert loaded.meta["experiment_name"] == "gum_stage2"
+    for k, v in trained.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[k], v), k
 
 
@@ -180,3 +182,20 @@ def test_checkpoints_pickled_under_numpy_1_load(tmp_path):
             zout.writestr(info, data)
     raw = read_checkpoint(tmp_path / "np1.pth")
     assert raw["meta"]["score"] == 0.5 and raw["meta"]["hist"].tolist() == [0, 1, 2]
+
+
+class GetattrGadget:
+    """Unpickles as ``getattr(OrderedDict, 'fromkeys')``: getattr on an allowed class, a gadget step."""
+
+    def __reduce__(self):
+        import builtins
+        from collections import OrderedDict
+
+        return (builtins.getattr, (OrderedDict, "fromkeys"))
+
+
+def test_getattr_is_only_ever_a_name_on_the_inert_stand_in(tmp_path, tiny_model):
+    torch.save({"meta": {"g": GetattrGadget()}, "state_dict": tiny_model.state_dict()}, tmp_path / "g.pth")
+    with pytest.raises(CheckpointError, match=r"refused.*builtins\.getattr") as err:
+        load_checkpoint(tmp_path / "g.pth")
+    assert "\n" not in str(err.value)
