@@ -134,14 +134,12 @@ def predict_file(
                     for y0, prob, label in rows:
                         valid = _valid_for(valid_rows, y0, prob.shape[0], src, (r0, r1))
                         p8 = probability_to_uint8(prob, valid)[:, k0 - r0 : k1 - r0]
-                        if (p8 == NODATA).all():
-                            continue  # unwritten blocks read back as no data (nodata 255)
                         lab = label[:, k0 - r0 : k1 - r0].copy()
                         lab[p8 == NODATA] = NODATA
                         win = Window(k0, y0, k1 - k0, prob.shape[0])
                         dst.write(p8, 1, window=win)
                         dst.write(lab, 2, window=win)
-                        wrote_any = True
+                        wrote_any = wrote_any or bool((p8 != NODATA).any())
                 dst.descriptions = BAND_DESCRIPTIONS
                 dst.update_tags(
                     gum_ray_version=__version__,
@@ -235,5 +233,7 @@ def _output_profile(src: ExportFile) -> dict:
         blockysize=512,
         compress="deflate",
         BIGTIFF="IF_SAFER",
-        SPARSE_OK="TRUE",  # blocks never written (no data anywhere in them) stay empty: read as 255
+        # strips without data are never written (strips are whole 512 px block columns): their
+        # blocks stay empty and read back as no data (255) in both bands
+        SPARSE_OK="TRUE",
     )

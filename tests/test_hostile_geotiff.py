@@ -140,3 +140,15 @@ def test_skipping_no_data_crops_changes_no_valid_pixel(ckpt):
     assert engine.crops_run - n_all < n_all  # the all-no-data crop at x = 768 was not run
     np.testing.assert_array_equal(every[valid], skipped[valid])
     assert np.isnan(skipped[:, 832:]).all()  # pixels no run crop covers: no data
+
+
+def test_rows_without_data_above_valid_rows_are_no_data_in_both_bands(tmp_path, ckpt):
+    x = random_export(600, 300, seed=12)
+    x[:4, :250] = np.nan  # the first rows have no Sentinel-2: both output bands must say 255 there
+    src = write_export(tmp_path / "top.tif", x)
+    loaded = load_checkpoint(ckpt)
+    predict_file(loaded, InferenceEngine(loaded.model), src, tmp_path / "o.tif")
+    with rasterio.open(tmp_path / "o.tif") as o:
+        prob, cls = o.read()
+    assert (prob[:250] == 255).all() and (cls[:250] == 255).all()
+    assert (prob[250:] <= 100).all() and set(np.unique(cls[250:])) <= {0, 1}
