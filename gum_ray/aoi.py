@@ -157,9 +157,14 @@ def _geometries(data: Any, src: str) -> Iterator[tuple[dict[str, Any], str, bool
         label = where or "the top level"
         if depth > MAX_DEPTH:
             raise InputError(f"{src}: {label}: GeoJSON objects nested more than {MAX_DEPTH} deep")
-        if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        if not isinstance(obj, dict):
             raise InputError(
-                f"{src}: {label} is {_type_name(obj)}, not a GeoJSON object (no 'type'); "
+                f"{src}: {label} is {_type_name(obj)}, not a GeoJSON object; "
+                "give a Polygon, MultiPolygon, Feature or FeatureCollection"
+            )
+        if not isinstance(obj.get("type"), str):
+            raise InputError(
+                f"{src}: {label} has no 'type' member, so it is not GeoJSON; "
                 "give a Polygon, MultiPolygon, Feature or FeatureCollection"
             )
         if "crs" in obj:

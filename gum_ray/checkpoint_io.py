@@ -171,7 +171,7 @@ def _read_pickled(path: Path) -> Any:
                 f"checkpoint {path}: refused: it would run Python code named in the file ({names}); "
                 "gum-ray loads only tensors and inert training state. If you trust the file and "
                 f"where it came from, convert it once: gum convert-checkpoint --trust {path} "
-                f"{path.with_suffix(SAFETENSORS_SUFFIX).name}"
+                f"{path.with_suffix(SAFETENSORS_SUFFIX)}"
             ) from None
         raise CheckpointError(
             f"checkpoint {path}: not a readable PyTorch checkpoint ({_short(exc)}); "

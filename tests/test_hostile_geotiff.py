@@ -152,3 +152,21 @@ def test_rows_without_data_above_valid_rows_are_no_data_in_both_bands(tmp_path, 
         prob, cls = o.read()
     assert (prob[:250] == 255).all() and (cls[:250] == 255).all()
     assert (prob[250:] <= 100).all() and set(np.unique(cls[250:])) <= {0, 1}
+
+
+def test_geotiff_source_refuses_a_header_that_would_make_a_read_unbounded(tmp_path):
+    from odc.geo.geobox import GeoBox
+
+    from gum_ray.errors import InputError
+    from gum_ray.sources.geotiff import GeoTiffSource
+
+    # 0.25 m pixels: covering one 256 px cell at 10 m would read 10,240 x 10,240 px of 11 bands
+    prof = dict(driver="GTiff", width=12_000, height=12_000, count=11, dtype="float32", crs="EPSG:32633",
+                transform=rasterio.transform.from_origin(400000, 5300000, 0.25, 0.25), tiled=True,
+                SPARSE_OK="TRUE", nodata=float("nan"))
+    with rasterio.open(tmp_path / "fine_2021.tif", "w", **prof):
+        pass
+    gbox = GeoBox.from_bbox((400000, 5300000 - 2560, 402560, 5300000), "EPSG:32633", resolution=10)
+    with pytest.raises(InputError, match="much finer than the 10 m grid") as err:
+        GeoTiffSource(tmp_path).fetch(gbox, 2021)
+    assert "\n" not in str(err.value)
