@@ -199,3 +199,16 @@ def test_getattr_is_only_ever_a_name_on_the_inert_stand_in(tmp_path, tiny_model)
     with pytest.raises(CheckpointError, match=r"refused.*builtins\.getattr") as err:
         load_checkpoint(tmp_path / "g.pth")
     assert "\n" not in str(err.value)
+
+
+def test_damaged_pickle_inside_a_valid_archive_is_not_readable_not_refused(tmp_path, tiny_model):
+    import zipfile
+
+    save_checkpoint(tiny_model, tmp_path / "ok.pth", TINY)
+    with zipfile.ZipFile(tmp_path / "ok.pth") as zin, zipfile.ZipFile(tmp_path / "bad.pth", "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, data[: len(data) // 2] if info.filename.endswith("data.pkl") else data)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as err:
+        load_checkpoint(tmp_path / "bad.pth")
+    assert "refused" not in str(err.value) and "\n" not in str(err.value)
