@@ -26,6 +26,9 @@ from gum_ray.errors import GumError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gum_ray import quiet
+
+    quiet.configure(None)  # GUM_VERBOSE=1 shows third-party warnings
     from gum_ray.commands.map import add_job_arguments, job_from_args, run_job
 
     parser = argparse.ArgumentParser(prog="continental.py", description=__doc__,
