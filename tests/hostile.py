@@ -58,7 +58,9 @@ def mmengine_training_checkpoint(path: Path, model: torch.nn.Module) -> Path:
     from mmengine.optim import OptimWrapper, PolyLR
     from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
 
-    hub = MessageHub.get_instance(f"gum-test-{path.stem}")
+    import uuid
+
+    hub = MessageHub.get_instance(f"gum-test-{uuid.uuid4().hex}")  # a fresh hub (instances are global)
     for step in range(1, 4):
         hub.update_scalar("train/loss", np.float32(1.0 / step))
         hub.update_scalar("train/lr", 0.01 / step)
