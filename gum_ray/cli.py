@@ -27,6 +27,7 @@ COMMANDS = {
     "patches": "patches",
     "finetune": "finetune",
     "demo-model": "demo_model",
+    "convert-checkpoint": "convert_checkpoint",
 }
 
 

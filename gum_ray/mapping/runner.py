@@ -45,6 +45,9 @@ def cell_km2(cell: Cell) -> float:
 
 def plan_cells(job: MapJob) -> list[Cell]:
     """The product cells that touch the AOI and can hold data (the synthetic ocean is skipped)."""
+    from gum_ray.aoi import check_cell_cap
+
+    check_cell_cap(job.aoi, job.grid, job.max_aoi_cells)  # before anything is listed or fetched
     cells = cells_for_aoi(job.aoi, job.grid)
     if job.source == "synthetic":
         import numpy as np
