@@ -2,17 +2,17 @@
 
 Each subcommand lives in its own module under :mod:`gum_ray.commands` with two functions:
 ``add_parser(subparsers)`` and ``run(args) -> int``. A :class:`~gum_ray.errors.GumError` is printed
-as one line (``gum: error: ...``) with a non-zero exit code; no traceback reaches the user.
+as one line (``gum: error: ...``) with a non-zero exit code; no traceback reaches the user, and
+no third-party warning unless ``--verbose`` (:mod:`gum_ray.quiet`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
-from gum_ray import __version__
+from gum_ray import __version__, quiet
 from gum_ray.errors import GumError
 
 # subcommand name -> module under gum_ray.commands (imported lazily: `gum --help` stays fast)
@@ -29,6 +29,7 @@ COMMANDS = {
     "patches": "patches",
     "finetune": "finetune",
     "demo-model": "demo_model",
+    "convert-checkpoint": "convert_checkpoint",
 }
 
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="gum-ray: urban areas at 10 m with the GlobalUrbanMapper model.",
     )
     parser.add_argument("--version", action="version", version=f"gum-ray {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and third-party warnings (also GUM_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module in COMMANDS.items():
@@ -49,12 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # before any subcommand module is imported: third-party import-time warnings are hidden too
+    quiet.configure(True if any(a in ("-v", "--verbose") for a in argv) else None)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
     try:
         return int(args._run(args) or 0)
     except GumError as exc:

@@ -44,14 +44,40 @@ class ExportFile:
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
         """Export rows [y0, y1) as float32 (bands, rows, width), NaN kept."""
+        return self.read_window(y0, y1, 0, self.width)
+
+    def read_window(self, y0: int, y1: int, x0: int, x1: int, indexes: list[int] | None = None) -> np.ndarray:
+        """Rows [y0, y1) x columns [x0, x1) as float32 (bands, rows, cols), NaN kept.
+
+        ``indexes``: 1-based bands to read (default all). Callers keep windows bounded (gum predict
+        reads column strips), so memory does not follow the width a header claims.
+        """
         try:
-            data = self.dataset.read(window=Window(0, y0, self.width, y1 - y0), out_dtype="float32")
+            data = self.dataset.read(indexes, window=Window(x0, y0, x1 - x0, y1 - y0), out_dtype="float32")
         except RasterioIOError as exc:
             raise InputError(f"{self.path}: could not read rows {y0}-{y1} ({exc}); the file is corrupt or truncated") from None
         nodata = self.dataset.nodata
         if nodata is not None and not np.isnan(nodata):
             data[data == nodata] = np.nan
+        self._absent_blocks_to_nan(data, y0, y1, x0, x1, indexes)
         return data
+
+    def _absent_blocks_to_nan(self, data: np.ndarray, y0: int, y1: int, x0: int, x1: int,
+                              indexes: list[int] | None) -> None:
+        """NaN where the TIFF never wrote a block (a sparse file): GDAL reads those as nodata, or
+        as 0 when the file has no nodata value, but they hold no data either way."""
+        ds = self.dataset
+        if ds.driver != "GTiff" or y1 <= y0 or x1 <= x0:
+            return
+        bh, bw = ds.block_shapes[0]
+        for i, band in enumerate(indexes or range(1, ds.count + 1)):
+            for by in range(y0 // bh, (y1 - 1) // bh + 1):
+                for bx in range(x0 // bw, (x1 - 1) // bw + 1):
+                    if ds.get_tag_item(f"BLOCK_OFFSET_{bx}_{by}", "TIFF", bidx=band) not in (None, "", "0"):
+                        continue
+                    ra, rb = max(by * bh, y0) - y0, min((by + 1) * bh, y1) - y0
+                    ca, cb = max(bx * bw, x0) - x0, min((bx + 1) * bw, x1) - x0
+                    data[i, ra:rb, ca:cb] = np.nan
 
     def close(self) -> None:
         self.dataset.close()

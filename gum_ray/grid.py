@@ -17,12 +17,11 @@ there). :func:`cells_for_aoi` lists the cells that it touches.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import shapely
@@ -406,36 +405,20 @@ class AOI:
     def from_geojson(cls, obj: str | Path | dict[str, Any], *, source: str | None = None) -> "AOI":
         """An AOI from a GeoJSON file path, a GeoJSON text, or a parsed GeoJSON object.
 
-        Accepts a FeatureCollection, Feature, Polygon or MultiPolygon in lon/lat. Polygons that
+        Accepts a FeatureCollection, Feature, Polygon or MultiPolygon in lon/lat (a ``crs`` member
+        is honoured or refused; see :mod:`gum_ray.aoi`, which checks every member). Polygons that
         cross the antimeridian (a ring jumping by more than 180 degrees, or longitudes beyond
         180) are split there.
         """
-        if isinstance(obj, (str, Path)) and not str(obj).lstrip().startswith("{"):
-            path = Path(obj)
-            src = source or str(path)
-            if not path.exists():
-                raise InputError(f"AOI file {path} does not exist; give a GeoJSON polygon file")
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"AOI file {path}: not readable GeoJSON ({exc})") from None
-        elif isinstance(obj, (str, Path)):
-            src = source or "GeoJSON text"
-            try:
-                data = json.loads(str(obj))
-            except ValueError as exc:
-                raise InputError(f"{src}: not valid JSON ({exc})") from None
-        else:
-            src = source or "GeoJSON"
-            data = obj
-        geoms = list(_geojson_geometries(data, src))
+        from gum_ray.aoi import load_geojson, polygons_from_geojson
+
+        data, src = load_geojson(obj, source)  # every malformed input is one InputError
         polys: list[Polygon] = []
         crosses = False
-        for g in geoms:
-            for p in _polygons_of(g, src):
-                parts, c = _split_antimeridian(p, src)
-                crosses |= c
-                polys.extend(parts)
+        for p in polygons_from_geojson(data, src):
+            parts, c = _split_antimeridian(p, src)
+            crosses |= c
+            polys.extend(parts)
         merged = unary_union(polys)
         merged = shapely.make_valid(merged) if not merged.is_valid else merged
         merged = _only_polygons(merged)
@@ -462,71 +445,6 @@ def _only_polygons(g: Any) -> Polygon | MultiPolygon:
     for p in polys:
         out.extend(_parts(p))
     return MultiPolygon(out) if out else Polygon()
-
-
-def _geojson_geometries(data: Any, src: str) -> Iterable[dict[str, Any]]:
-    if not isinstance(data, dict) or "type" not in data:
-        raise InputError(f"{src}: not a GeoJSON object (no 'type'); give a Polygon or FeatureCollection")
-    t = data["type"]
-    if t == "FeatureCollection":
-        feats = data.get("features") or []
-        if not feats:
-            raise InputError(f"{src}: the FeatureCollection has no features")
-        for f in feats:
-            yield from _geojson_geometries(f, src)
-    elif t == "Feature":
-        if not data.get("geometry"):
-            raise InputError(f"{src}: a Feature has no geometry")
-        yield data["geometry"]
-    elif t == "GeometryCollection":
-        for g in data.get("geometries", []):
-            yield g
-    else:
-        yield data
-
-
-def _polygons_of(g: dict[str, Any], src: str) -> list[list[list[tuple[float, float]]]]:
-    """GeoJSON geometry dict -> list of polygons, each a list of rings of (lon, lat)."""
-    t = g.get("type")
-    coords = g.get("coordinates")
-    if t == "Polygon":
-        polys = [coords]
-    elif t == "MultiPolygon":
-        polys = coords
-    else:
-        raise InputError(
-            f"{src}: geometry type {t!r} has no area; an AOI must be a Polygon or MultiPolygon "
-            f"(buffer points or lines into polygons first)"
-        )
-    out = []
-    for poly in polys or []:
-        rings = []
-        for ring in poly:
-            pts = []
-            for pt in ring:
-                if len(pt) < 2:
-                    raise InputError(f"{src}: a coordinate has fewer than 2 numbers: {pt}")
-                lon, lat = float(pt[0]), float(pt[1])
-                if not (math.isfinite(lon) and math.isfinite(lat)):
-                    raise InputError(f"{src}: non-finite coordinate {pt}")
-                if not -90.0 <= lat <= 90.0:
-                    raise InputError(
-                        f"{src}: latitude {lat} is beyond +-90 degrees; GeoJSON is (lon, lat) in degrees "
-                        f"(EPSG:4326) - are the coordinates swapped or projected?"
-                    )
-                if not -180.0 <= lon <= 360.0:
-                    raise InputError(
-                        f"{src}: longitude {lon} is outside -180..180; GeoJSON must be lon/lat degrees"
-                    )
-                pts.append((lon, lat))
-            if len(pts) < 4:
-                raise InputError(f"{src}: a polygon ring has fewer than 4 positions")
-            rings.append(pts)
-        if rings:
-            out.append(rings)
-    if not out:
-        raise InputError(f"{src}: the geometry has no polygon")
-    return out
 
 
 def _unwrap(ring: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -685,7 +603,12 @@ def add_aoi_arguments(parser: Any, *, bbox_help: str = "area of interest in degr
 
 def aoi_from_args(args: Any) -> AOI:
     """The AOI named by ``--bbox`` / ``--aoi`` / ``--antimeridian``."""
-    return parse_aoi(
+    aoi = parse_aoi(
         bbox=getattr(args, "bbox", None), geojson=getattr(args, "aoi", None),
         antimeridian=bool(getattr(args, "antimeridian", False)),
     )
+    if aoi.crosses_antimeridian and getattr(args, "aoi", None):
+        from gum_ray.aoi import note_antimeridian
+
+        note_antimeridian(aoi)
+    return aoi

@@ -242,13 +242,17 @@ class InferenceEngine:
         height: int,
         width: int,
         progress: Callable[[int], None] | None = None,
-        origin: tuple[int, int] | None = None,
+        origin: tuple[int | None, int | None] | None = None,
+        keep_crop: Callable[[int, int], bool] | None = None,
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Stream a scene of ``height`` x ``width`` px through the network.
 
         ``read_rows(y0, y1)`` returns the preprocessed rows ``[y0, y1)`` as (C, y1 - y0, width)
         float32. ``origin``: see :meth:`predict`. Yields ``(y0, probability_rows, label_rows)`` for consecutive, finished row
         blocks, top to bottom. ``progress(n)`` is called with the number of crops done.
+        ``keep_crop(y, x)``, asked once the rows of a crop are read, lets the caller skip crops it
+        knows are all no data (their pixels come out NaN; no other pixel changes, since a crop only
+        contributes to its own pixels).
         """
         s = self.settings
         self._check_input((self.in_channels, height, width))
@@ -284,15 +288,17 @@ class InferenceEngine:
             have = in_top + in_buf.shape[1]
             if need_bottom > have:
                 in_buf = np.concatenate([in_buf, read_padded(have, need_bottom)], axis=1)
-            tiles = np.stack([in_buf[:, y - in_top : y - in_top + CROP, x : x + CROP] for y, x in batch])
-            scores = self._run_batch(tiles)
+            run = batch if keep_crop is None else [(y, x) for y, x in batch if keep_crop(y, x)]
+            if run:
+                tiles = np.stack([in_buf[:, y - in_top : y - in_top + CROP, x : x + CROP] for y, x in run])
+                scores = self._run_batch(tiles)
             # grow the accumulators down to the lowest crop of the batch
             acc_bottom = acc_top + acc.shape[1]
             if need_bottom > acc_bottom:
                 extra = need_bottom - acc_bottom
                 acc = torch.cat([acc, acc.new_zeros((k, extra, wp))], dim=1)
                 weight = torch.cat([weight, weight.new_zeros((1, extra, wp))], dim=1)
-            for j, (y, x) in enumerate(batch):
+            for j, (y, x) in enumerate(run):
                 r = y - acc_top
                 acc[:, r : r + CROP, x : x + CROP] += scores[j]
                 if s.merge == "logits":

@@ -6,7 +6,8 @@ carry a ``module.`` prefix from DataParallel). The loader infers the architectur
 shapes (input channels 10 or 13; the base width, which is 64 for the released GUM weights and may be
 smaller for gum-ray's demo model), checks every key and shape against the network mmseg builds, and
 records the file's sha256 for provenance. Anything wrong is a :class:`CheckpointError` naming the
-file and the problem.
+file and the problem. Files are read by :mod:`gum_ray.checkpoint_io`: tensors and inert training
+state only, never arbitrary unpickling (``gum convert-checkpoint --trust`` converts other files).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
-import zipfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ def build_model(spec: ModelSpec = GUM_10) -> torch.nn.Module:
     from mmseg.registry import MODELS
 
     cfg = model_config(spec)
-    model = MODELS.build(copy.deepcopy(cfg.model))
+    with warnings.catch_warnings():  # mmseg's advice about binary heads and deprecations: not the user's
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mmseg(\..*)?")
+        model = MODELS.build(copy.deepcopy(cfg.model))
     model.cfg = cfg
     model.eval()
     return model
@@ -106,29 +109,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _read_checkpoint_file(path: Path) -> Any:
-    require_file(path, label=f"checkpoint {path}", expect="the .pth file", error=CheckpointError)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure of the safe loader is examined below
-        first_error = exc
-        # mmengine training checkpoints carry Python objects (message hub, optimizer state) that
-        # the safe loader refuses; fall back to a full load only for files that are torch archives.
-        if not zipfile.is_zipfile(path) or "weights_only" not in str(exc).lower():
-            raise CheckpointError(
-                f"checkpoint {path}: not a readable PyTorch checkpoint ({_short(first_error)}); "
-                "is the file complete (not truncated) and a .pth saved by mmsegmentation or gum-ray?"
-            ) from None
-    log.warning(
-        "checkpoint %s holds Python objects besides tensors; loading it with full unpickling "
-        "(only load checkpoints you trust)",
-        path,
-    )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
-        raise CheckpointError(
-            f"checkpoint {path}: not a readable PyTorch checkpoint ({_short(exc)})"
-        ) from None
+    """The checkpoint's content, read without running code from it (:mod:`gum_ray.checkpoint_io`)."""
+    from gum_ray.checkpoint_io import read_checkpoint
+
+    return read_checkpoint(path)
 
 
 def _short(exc: BaseException) -> str:

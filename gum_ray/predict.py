@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
@@ -24,11 +25,16 @@ from rasterio.windows import Window
 from gum_ray import __version__, bands
 from gum_ray.errors import InputError
 from gum_ray.export_io import ExportFile, list_exports, open_export
-from gum_ray.inference import InferenceEngine, crop_count, probability_to_uint8
+from gum_ray.inference import CROP, InferenceEngine, crop_count, probability_to_uint8
+from gum_ray.input_checks import UnitsCheck
 from gum_ray.store.cog import write_cog
 from gum_ray.model import LoadedModel
 
+log = logging.getLogger(__name__)
+
 NODATA = 255
+STRIP_PX = 8192  # widest column strip predicted at once (memory does not follow the scene width)
+GDAL_CACHE_MB = 256
 BAND_DESCRIPTIONS = ("urban_probability_percent", "urban_class")
 
 
@@ -72,40 +78,68 @@ def predict_file(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     rows_per_block: int = 1024,
+    strip_px: int = STRIP_PX,
 ) -> PredictResult:
-    """Predict one export into a COG. ``on_start(total_crops)`` is called before compute."""
+    """Predict one export into a COG. ``on_start(total_crops)`` is called before compute.
+
+    The scene is read in column strips at most ``strip_px`` wide (plus a crop of context on each
+    side) and rows as the engine needs them, so memory does not depend on the width or height a
+    header claims. Strips and crops without any Sentinel-2 pixel are not run.
+    """
     if output_path.exists() and not overwrite:
         return PredictResult(input_path, output_path, skipped=True)
     t0 = time.perf_counter()
-    with open_export(input_path) as src:
+    # GDAL's block cache defaults to 5 % of RAM; a wide sparse file would fill it with empty blocks
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), open_export(input_path) as src:
         channels = bands.model_channels(loaded.spec.with_products)
         if loaded.spec.with_products and not src.with_products:
             raise InputError(
                 f"{input_path}: has 11 bands but checkpoint {loaded.path} is the 13-channel "
                 "'with products' model; give a 14-band export or the 10-channel checkpoint"
             )
+        stride = engine.settings.stride
+        strips = strip_windows(src.width, strip_px)
         if on_start is not None:
-            on_start(crop_count(src.height, src.width, engine.settings.stride))
-        valid_rows: dict[int, np.ndarray] = {}
-
-        def read_rows(y0: int, y1: int) -> np.ndarray:
-            raw = src.read_rows(y0, y1)
-            valid_rows[y0] = bands.validity_mask(raw)
-            return bands.preprocess(raw, with_products=loaded.spec.with_products)
+            on_start(sum(crop_count(src.height, r1 - r0, stride) for r0, r1, _, _ in strips))
+        units = UnitsCheck(str(input_path))
+        crops_before = engine.crops_run
+        wrote_any = False
 
         output_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{output_path.name}.", dir=output_path.parent) as tmpdir:
             plain = Path(tmpdir) / "plain.tif"
             profile = _output_profile(src)
             with rasterio.open(plain, "w", **profile) as dst:
-                for y0, prob, label in engine.predict_rows(read_rows, src.height, src.width, progress):
-                    valid = _valid_for(valid_rows, y0, prob.shape[0], src)
-                    p8 = probability_to_uint8(prob, valid)
-                    lab = label.copy()
-                    lab[p8 == NODATA] = NODATA
-                    win = Window(0, y0, src.width, prob.shape[0])
-                    dst.write(p8, 1, window=win)
-                    dst.write(lab, 2, window=win)
+                for r0, r1, k0, k1 in strips:
+                    if not _strip_has_data(src, r0, r1, rows_per_block):
+                        # no Sentinel-2 anywhere in the strip: no crops; its blocks stay no data
+                        if progress is not None:
+                            progress(crop_count(src.height, r1 - r0, stride))
+                        continue
+                    valid_rows: dict[int, np.ndarray] = {}
+
+                    def read_rows(y0: int, y1: int, _r0=r0, _r1=r1, _valid=valid_rows) -> np.ndarray:
+                        raw = src.read_window(y0, y1, _r0, _r1)
+                        units.observe(raw)
+                        _valid[y0] = bands.validity_mask(raw)
+                        return bands.preprocess(raw, with_products=loaded.spec.with_products)
+
+                    # interior strips put crops on the scene's stride lattice: with a halo of one
+                    # crop, every kept pixel sees exactly the crops of a whole-width run
+                    origin = None if len(strips) == 1 else (None, r0)
+                    rows = engine.predict_rows(
+                        read_rows, src.height, r1 - r0, progress, origin=origin,
+                        keep_crop=lambda y, x, _valid=valid_rows: _any_valid(_valid, y, x),
+                    )
+                    for y0, prob, label in rows:
+                        valid = _valid_for(valid_rows, y0, prob.shape[0], src, (r0, r1))
+                        p8 = probability_to_uint8(prob, valid)[:, k0 - r0 : k1 - r0]
+                        lab = label[:, k0 - r0 : k1 - r0].copy()
+                        lab[p8 == NODATA] = NODATA
+                        win = Window(k0, y0, k1 - k0, prob.shape[0])
+                        dst.write(p8, 1, window=win)
+                        dst.write(lab, 2, window=win)
+                        wrote_any = wrote_any or bool((p8 != NODATA).any())
                 dst.descriptions = BAND_DESCRIPTIONS
                 dst.update_tags(
                     gum_ray_version=__version__,
@@ -117,6 +151,9 @@ def predict_file(
                 )
                 dst.update_tags(1, units="percent", meaning="P(urban) x 100, 255 = no data")
                 dst.update_tags(2, meaning="1 = urban, 0 = not urban, 255 = no data")
+            if not wrote_any:
+                log.warning("%s: no pixel has Sentinel-2 data (all NaN or no data): the output is all "
+                            "no data (255); %d crops were run", input_path, engine.crops_run - crops_before)
             cog_tmp = Path(tmpdir) / "cog.tif"
             # nearest overviews: band 2 holds classes
             write_cog(plain, cog_tmp, overview_resampling="nearest")
@@ -127,9 +164,12 @@ def predict_file(
 
 
 
-def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFile) -> np.ndarray:
-    """Validity (has Sentinel-2) of rows [y0, y0 + n), from blocks already read, else re-read."""
-    out = np.zeros((n, src.width), dtype=bool)
+def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFile,
+               cols: tuple[int, int] | None = None) -> np.ndarray:
+    """Validity (has Sentinel-2) of rows [y0, y0 + n) of the column strip ``cols`` (default the
+    whole width), from blocks already read, else re-read."""
+    c0, c1 = cols if cols is not None else (0, src.width)
+    out = np.zeros((n, c1 - c0), dtype=bool)
     filled = np.zeros(n, dtype=bool)
     for top in sorted(valid_rows):
         block = valid_rows[top]
@@ -138,10 +178,43 @@ def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFi
             out[a - y0 : b - y0] = block[a - top : b - top]
             filled[a - y0 : b - y0] = True
     if not filled.all():
-        out = bands.validity_mask(src.read_rows(y0, y0 + n))
+        out = bands.validity_mask(src.read_window(y0, y0 + n, c0, c1))
     for top in [t for t in valid_rows if t + valid_rows[t].shape[0] <= y0 + n]:
         del valid_rows[top]
     return out
+
+
+def strip_windows(width: int, strip_px: int = STRIP_PX, halo: int = CROP) -> list[tuple[int, int, int, int]]:
+    """Column strips ``(read_x0, read_x1, keep_x0, keep_x1)`` covering ``[0, width)``.
+
+    One strip for scenes up to ``strip_px`` wide; else strips of ``strip_px`` (a multiple of the
+    512 px output block, so each output block is written by one strip) read with ``halo`` px of
+    context on each side.
+    """
+    if strip_px % 512 or strip_px < 512:
+        raise ValueError(f"strip_px must be a positive multiple of 512, got {strip_px}")
+    if width <= strip_px:
+        return [(0, width, 0, width)]
+    return [(max(0, k0 - halo), min(width, k0 + strip_px + halo), k0, min(k0 + strip_px, width))
+            for k0 in range(0, width, strip_px)]
+
+
+def _strip_has_data(src: ExportFile, x0: int, x1: int, rows: int) -> bool:
+    """Whether any pixel of columns [x0, x1) has all four Sentinel-2 bands (read in row blocks)."""
+    s2 = list(range(bands.S2_SLICE.start + 1, bands.S2_SLICE.stop + 1))
+    for y0 in range(0, src.height, rows):
+        if np.isfinite(src.read_window(y0, min(y0 + rows, src.height), x0, x1, s2)).all(axis=0).any():
+            return True
+    return False
+
+
+def _any_valid(valid_rows: dict[int, np.ndarray], y: int, x: int) -> bool:
+    """Whether the crop at (y, x) holds any pixel with Sentinel-2, from the blocks read so far."""
+    for top, block in valid_rows.items():
+        a, b = max(top, y), min(top + block.shape[0], y + CROP)
+        if a < b and block[a - top : b - top, x : x + CROP].any():
+            return True
+    return False
 
 
 def _output_profile(src: ExportFile) -> dict:
@@ -160,4 +233,7 @@ def _output_profile(src: ExportFile) -> dict:
         blockysize=512,
         compress="deflate",
         BIGTIFF="IF_SAFER",
+        # strips without data are never written (strips are whole 512 px block columns): their
+        # blocks stay empty and read back as no data (255) in both bands
+        SPARSE_OK="TRUE",
     )

@@ -103,14 +103,14 @@ def test_lease_one_writer_per_product(tmp_path):
 
     product = str(tmp_path / "p.zarr")
     (tmp_path / "p.zarr").mkdir()
-    first = RunLease(product, ttl_s=0.5)
+    first = RunLease(product, ttl_s=3.0)
     first.acquire()
     assert_lease_held(product, first.run_id)
     with pytest.raises(GumError, match="another run"):
-        RunLease(product, ttl_s=0.5).acquire()
+        RunLease(product, ttl_s=3.0).acquire()
     import time
 
-    time.sleep(0.6)  # the first run stops beating: its lease goes stale
+    time.sleep(3.1)  # the first run stops beating: its lease goes stale
     with pytest.raises(LeaseLost):
         assert_lease_held(product, first.run_id)
     second = RunLease(product, ttl_s=30)

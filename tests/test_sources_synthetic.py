@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -184,11 +183,10 @@ def test_bad_input_is_a_clear_error():
         get_source("landsat")
 
 
-def test_a_3000_px_grid_renders_in_a_few_seconds():
+def test_a_3000_px_grid_renders_whole_and_matches_its_parts():
+    # (its speed is a benchmark's business, not a test's: tools/bench_pipeline.py)
     gb = GeoBox.from_bbox((460000, 5250000, 490000, 5280000), "EPSG:32632", resolution=10)
-    S.render(gb[:64, :64], 2021)  # warm caches
-    t0 = time.perf_counter()
     sample = S.render(gb, 2021)
-    dt = time.perf_counter() - t0
     assert sample.export.shape == (11, 3000, 3000)
-    assert dt < 6.0, f"3000 x 3000 took {dt:.2f} s"
+    part = S.render(gb[1000:1256, 2000:2256], 2021)
+    np.testing.assert_array_equal(part.export, sample.export[:, 1000:1256, 2000:2256])

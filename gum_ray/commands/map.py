@@ -36,6 +36,11 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-preview", action="store_true", help="skip the quick-look PNG at the end")
     p.add_argument("--max-cells", type=int, help="map at most this many cells now (run again to go on)")
+    from gum_ray.aoi import DEFAULT_MAX_AOI_CELLS
+
+    p.add_argument("--max-aoi-cells", type=int, default=DEFAULT_MAX_AOI_CELLS,
+                   help=f"refuse an AOI that covers more cells than this (default {DEFAULT_MAX_AOI_CELLS:,}: "
+                        "catches typos and swapped coordinates; 0 = no cap)")
     p.add_argument("--summary-json", help="also write the run's summary as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
     add_inference_arguments(p)
@@ -91,6 +96,7 @@ def job_from_args(args: argparse.Namespace):
         lease_ttl_s=args.lease_ttl,
         preview=not args.no_preview,
         max_cells=args.max_cells,
+        max_aoi_cells=getattr(args, "max_aoi_cells", None),
     )
 
 

@@ -38,6 +38,7 @@ class MapJob:
     lease_ttl_s: float = 60.0
     preview: bool = True
     max_cells: int | None = None  # map at most this many pending cells in this run (rerun to go on)
+    max_aoi_cells: int | None = None  # refuse an AOI covering more cells (None/0: no cap)
 
     def __post_init__(self) -> None:
         if not self.years:
@@ -46,6 +47,8 @@ class MapJob:
             raise InputError(f"--max-attempts {self.max_attempts}: must be at least 1")
         if self.halo_px < 0:
             raise InputError(f"--halo {self.halo_px}: must be >= 0 px")
+        if self.max_aoi_cells is not None and self.max_aoi_cells < 0:
+            raise InputError(f"--max-aoi-cells {self.max_aoi_cells}: must be >= 0 (0 = no cap)")
         if self.max_cells is not None and self.max_cells < 1:
             raise InputError(f"--max-cells {self.max_cells}: must be at least 1")
         for name in ("fetch_concurrency", "write_concurrency"):

@@ -45,6 +45,9 @@ def cell_km2(cell: Cell) -> float:
 
 def plan_cells(job: MapJob) -> list[Cell]:
     """The product cells that touch the AOI and can hold data (the synthetic ocean is skipped)."""
+    from gum_ray.aoi import check_cell_cap
+
+    check_cell_cap(job.aoi, job.grid, job.max_aoi_cells)  # before anything is listed or fetched
     cells = cells_for_aoi(job.aoi, job.grid)
     if job.source == "synthetic":
         import numpy as np
@@ -148,9 +151,10 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
 
     if ray.is_initialized():
         return False
+    from gum_ray.quiet import ray_runtime_env
+
     kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False,
-                              "runtime_env": {"env_vars": {k: v for k, v in os.environ.items()
-                                                           if k.startswith(("GUM_", "STORAGE_EMULATOR"))}}}
+                              "runtime_env": ray_runtime_env()}
     where = address or os.environ.get("RAY_ADDRESS")
     if where and where not in ("auto", "local"):
         _check_reachable(where)

@@ -47,6 +47,7 @@ from odc.geo.geobox import GeoBox
 
 from gum_ray.bands import S1_SCALE, S2_SCALE, SLOPE_ASPECT_SCALE, export_band_names
 from gum_ray.errors import GumError, InputError
+from gum_ray.sources.options import check_earthengine_url
 from gum_ray.sources.base import (
     MODALITY_BANDS,
     MODALITY_SLICES,
@@ -593,6 +594,7 @@ def initialize_ee(*, url: str, project: str | None, credentials: Any = None, poo
     project are missing or rejected.
     """
     global _INIT_KEY
+    url = check_earthengine_url(url)  # before any credential is resolved or sent
     with _INIT_LOCK:
         creds, cred_project = resolve_credentials(credentials)
         project = project or os.environ.get("EE_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT") or cred_project
@@ -939,7 +941,7 @@ class EarthEngineSource(ImagerySource):
             raise InputError(f"max_attempts must be at least 1, got {max_attempts}")
         self.project = project
         self._credentials = credentials
-        self.url = url.rstrip("/")
+        self.url = check_earthengine_url(url)  # the bearer token goes there: Google or loopback only
         self.max_in_flight = int(max_in_flight)
         self.limiter_scope = limiter_scope
         self._limiter = limiter

@@ -30,9 +30,14 @@ from rasterio.enums import Resampling
 
 from gum_ray.bands import EXPORT_BANDS, EXPORT_BANDS_WITH_PRODUCTS, with_products_for_band_count
 from gum_ray.errors import InputError
+from gum_ray.input_checks import UnitsCheck
 from gum_ray.sources.base import Imagery, ImagerySource, masks_from_export
 
 log = logging.getLogger(__name__)
+
+CROP = 256
+MAX_READ_RATIO = 16  # a read may hold at most 16x the pixels of the grid it fills (2.5 m pixels)
+_UNITS: dict[str, UnitsCheck] = {}  # one plausibility check (and warning) per file and process
 
 _YEAR_RX = re.compile(r"(?<!\d)(20\d{2})(?:[-_]?(?:0[1-9]|1[0-2])(?:[-_]?(?:0[1-9]|[12]\d|3[01]))?)?(?!\d)")
 _YEAR_TAGS = ("year", "date", "start_date", "acquisition_date", "system:time_start", "tifftag_datetime", "time")
@@ -200,11 +205,20 @@ class GeoTiffSource(ImagerySource):
                 return False
             if win.width <= 0 or win.height <= 0:
                 return False
+            h, w = (int(v) for v in geobox.shape)
+            if win.width * win.height > MAX_READ_RATIO * max(h * w, CROP * CROP):
+                # a header whose pixels are far finer than the grid would make this read unbounded
+                raise InputError(
+                    f"{f.path}: covering this {w} x {h} px cell would read {int(win.width)} x "
+                    f"{int(win.height)} px of the file (its pixels are much finer than the 10 m grid); "
+                    "GUM exports are 10 m: re-export at 10 m scale"
+                )
             src = ds.read(list(range(1, n + 1)), window=win, out_dtype=np.float32)
             if ds.nodata is not None and not np.isnan(ds.nodata):
                 src[src == np.float32(ds.nodata)] = np.nan
             if self.zero_is_nodata:
                 src[:, (src == 0).all(axis=0)] = np.nan
+            _UNITS.setdefault(f.path, UnitsCheck(f.path)).observe(src)
             src_transform = ds.window_transform(win)
             src_crs = ds.crs
         tmp = np.full(out.shape, np.nan, np.float32)
