@@ -43,4 +43,6 @@ fi
 "${PIP[@]}" install --find-links "$WHEELHOUSE" "mmcv==${MMCV_VERSION}"
 "${PIP[@]}" install --find-links "$WHEELHOUSE" -e ".[test]"
 .venv/bin/python -c "import mmcv.ops, mmseg, gum_ray; print('[gum-ray setup] ok: mmcv', mmcv.__version__, 'with ops, mmseg', mmseg.__version__, ', gum-ray', gum_ray.__version__)"
+# the web-map viewer's JS library (npm) and, for its browser test, Debian's chromium
+bash tools/setup_viewer.sh
 say "set-up took $(( $(date +%s) - t0 )) s"

@@ -167,6 +167,10 @@ def export_cog(
             },
         )
         if local_out is not None:
+            # NamedTemporaryFile makes 0600 files; an export is for others to read (umask applies)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_dst.name, 0o666 & ~umask)
             os.replace(tmp_dst.name, local_out)
         else:
             fs.put_file(tmp_dst.name, out)
