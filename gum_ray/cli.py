@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module under :mod:`gum_ray.commands` with two functions:
 ``add_parser(subparsers)`` and ``run(args) -> int``. A :class:`~gum_ray.errors.GumError` is printed
-as one line (``gum: error: ...``) with a non-zero exit code; no traceback reaches the user.
+as one line (``gum: error: ...``, the parameter it names written as its flag, see
+:func:`gum_ray.commands.flagify`) with a non-zero exit code; no traceback reaches the user.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib
 import logging
 import sys
 
-from gum_ray import __version__
+from gum_ray.version import __version__
 from gum_ray.errors import GumError
 
 # subcommand name -> module under gum_ray.commands (imported lazily: `gum --help` stays fast)
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except GumError as exc:
-        print(f"gum: error: {exc}", file=sys.stderr)
+        from gum_ray.commands import flagify
+
+        print(f"gum: error: {flagify(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("gum: interrupted; finished outputs are kept, unfinished ones were not written", file=sys.stderr)

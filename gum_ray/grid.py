@@ -204,6 +204,29 @@ def utm_crs_for(lon: float, lat: float) -> CRS:
     return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
 
 
+def point_geobox(lon: float, lat: float, size: int = 256, resolution: float = UTM_RESOLUTION_M) -> GeoBox:
+    """The ``size`` x ``size`` GeoBox at ``resolution`` m in the point's UTM zone, centred on it.
+
+    Pixel edges lie on multiples of ``resolution`` (the lattice of every gum-ray UTM grid), so the
+    centre is within half a pixel of the point in x and in y (a patch, a demo area).
+    """
+    crs = utm_crs_for(lon, lat)
+    x, y = Transformer.from_crs(4326, crs, always_xy=True).transform(lon, lat)
+    half = size * resolution / 2.0
+    x0 = round((x - half) / resolution) * resolution
+    y1 = round((y + half) / resolution) * resolution
+    return GeoBox((size, size), Affine(resolution, 0.0, x0, 0.0, -resolution, y1), crs)
+
+
+def centre_offset_px(geobox: GeoBox, lon: float, lat: float) -> tuple[float, float]:
+    """(dx, dy) in pixels from the GeoBox's centre to the point (within +-0.5 for a patch)."""
+    x, y = Transformer.from_crs(4326, geobox.crs.to_wkt(), always_xy=True).transform(lon, lat)
+    a = geobox.affine
+    h, w = geobox.shape
+    cx, cy = a.c + a.a * w / 2.0, a.f + a.e * h / 2.0
+    return (x - cx) / abs(a.a), (cy - y) / abs(a.e)
+
+
 @dataclass(frozen=True)
 class Cell:
     """One product cell = one Zarr shard: integer ``(row, col)`` in the global cell lattice."""

@@ -21,14 +21,14 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from gum_ray import __version__, bands
 from gum_ray.errors import InputError
 from gum_ray.export_io import ExportFile, list_exports, open_export
-from gum_ray.inference import InferenceEngine, crop_count, probability_to_uint8
+from gum_ray.imagery import NODATA, probability_to_uint8
+from gum_ray.inference import InferenceEngine, crop_count
+from gum_ray.network import check_compatible
 from gum_ray.store.cog import write_cog
-from gum_ray.model import LoadedModel
+from gum_ray.version import __version__
 
-NODATA = 255
 BAND_DESCRIPTIONS = ("urban_probability_percent", "urban_class")
 
 
@@ -63,7 +63,6 @@ def plan_outputs(input_path: str | Path, output: str | Path) -> list[tuple[Path,
 
 
 def predict_file(
-    loaded: LoadedModel,
     engine: InferenceEngine,
     input_path: Path,
     output_path: Path,
@@ -73,25 +72,22 @@ def predict_file(
     on_start: Callable[[int], None] | None = None,
     rows_per_block: int = 1024,
 ) -> PredictResult:
-    """Predict one export into a COG. ``on_start(total_crops)`` is called before compute."""
+    """Predict one export into a COG with ``engine`` (and its model). ``on_start(total_crops)`` is
+    called before compute."""
     if output_path.exists() and not overwrite:
         return PredictResult(input_path, output_path, skipped=True)
     t0 = time.perf_counter()
+    model = engine.model
     with open_export(input_path) as src:
-        channels = bands.model_channels(loaded.spec.with_products)
-        if loaded.spec.with_products and not src.with_products:
-            raise InputError(
-                f"{input_path}: has 11 bands but checkpoint {loaded.path} is the 13-channel "
-                "'with products' model; give a 14-band export or the 10-channel checkpoint"
-            )
+        check_compatible(model, src.with_products, what=str(input_path))
         if on_start is not None:
             on_start(crop_count(src.height, src.width, engine.settings.stride))
         valid_rows: dict[int, np.ndarray] = {}
 
         def read_rows(y0: int, y1: int) -> np.ndarray:
             raw = src.read_rows(y0, y1)
-            valid_rows[y0] = bands.validity_mask(raw)
-            return bands.preprocess(raw, with_products=loaded.spec.with_products)
+            valid_rows[y0] = model.validity(raw)
+            return model.preprocess(raw)
 
         output_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{output_path.name}.", dir=output_path.parent) as tmpdir:
@@ -99,7 +95,7 @@ def predict_file(
             profile = _output_profile(src)
             with rasterio.open(plain, "w", **profile) as dst:
                 for y0, prob, label in engine.predict_rows(read_rows, src.height, src.width, progress):
-                    valid = _valid_for(valid_rows, y0, prob.shape[0], src)
+                    valid = _valid_for(valid_rows, y0, prob.shape[0], src, model)
                     p8 = probability_to_uint8(prob, valid)
                     lab = label.copy()
                     lab[p8 == NODATA] = NODATA
@@ -107,13 +103,14 @@ def predict_file(
                     dst.write(p8, 1, window=win)
                     dst.write(lab, 2, window=win)
                 dst.descriptions = BAND_DESCRIPTIONS
+                prov = model.provenance()
                 dst.update_tags(
                     gum_ray_version=__version__,
-                    checkpoint_sha256=loaded.sha256,
-                    checkpoint=os.path.basename(loaded.path),
+                    checkpoint_sha256=prov["checkpoint_sha256"],
+                    checkpoint=prov["checkpoint"],
                     settings=json.dumps(engine.settings.as_dict(), sort_keys=True),
                     source=os.path.basename(str(input_path)),
-                    model_channels=str(channels),
+                    model_channels=str(model.in_channels),
                 )
                 dst.update_tags(1, units="percent", meaning="P(urban) x 100, 255 = no data")
                 dst.update_tags(2, meaning="1 = urban, 0 = not urban, 255 = no data")
@@ -127,7 +124,7 @@ def predict_file(
 
 
 
-def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFile) -> np.ndarray:
+def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFile, model) -> np.ndarray:
     """Validity (has Sentinel-2) of rows [y0, y0 + n), from blocks already read, else re-read."""
     out = np.zeros((n, src.width), dtype=bool)
     filled = np.zeros(n, dtype=bool)
@@ -138,7 +135,7 @@ def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFi
             out[a - y0 : b - y0] = block[a - top : b - top]
             filled[a - y0 : b - y0] = True
     if not filled.all():
-        out = bands.validity_mask(src.read_rows(y0, y0 + n))
+        out = model.validity(src.read_rows(y0, y0 + n))
     for top in [t for t in valid_rows if t + valid_rows[t].shape[0] <= y0 + n]:
         del valid_rows[top]
     return out

@@ -59,7 +59,7 @@ class Plan:
 
 
 def estimate(job: MapJob, *, device: str = "gpu", sample: int = 64) -> Plan:
-    from gum_ray.sources.base import modalities
+    from gum_ray.imagery import modalities
     from gum_ray.sources.earthengine import band_codes, plan_tiles, request_bytes_per_pixel
 
     cells = plan_cells(job)

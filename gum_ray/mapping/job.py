@@ -63,18 +63,11 @@ class MapJob:
     def cell(self, row: int, col: int) -> Cell:
         return Cell(row, col, self.grid)
 
-    def resolved_checkpoint(self) -> str:
-        """The checkpoint to use: the given one, or the demo model for the synthetic world."""
-        if self.checkpoint:
-            return self.checkpoint
-        if self.source == "synthetic":
-            from gum_ray.demo_model import ensure_demo_model
+    def resolved_checkpoint(self, source: Any = None) -> str:
+        """The checkpoint to use: the given one, or the source's default (the synthetic world's demo model)."""
+        from gum_ray.demo_model import resolve_checkpoint
 
-            return str(ensure_demo_model())
-        raise InputError(
-            f"--checkpoint is required with the {self.source!r} source (the GUM checkpoint, "
-            "stage2.pth); only the synthetic world has a built-in demo model"
-        )
+        return resolve_checkpoint(self.checkpoint, source or self.make_source())
 
     def settings_record(self) -> dict[str, Any]:
         """What decides the output bytes: recorded in every commit marker."""

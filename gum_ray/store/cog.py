@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gum_ray import __version__
+from gum_ray.version import __version__
 from gum_ray.errors import InputError
 from gum_ray.grid import AOI, PRODUCT_CRS, aoi_windows, window_transform
 from gum_ray.store import fs
