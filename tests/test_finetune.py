@@ -63,7 +63,7 @@ def test_finetuning_improves_validation_iou_and_the_result_loads_in_gum_predict(
         rec = ds.read(key)
         from gum_ray.bands import preprocess
 
-        x = torch.from_numpy(preprocess(rec.export))[None]
+        x = torch.from_numpy(preprocess(rec.imagery.export))[None]
         with torch.no_grad():
             pred = loaded.model.encode_decode(x, [dict(img_shape=(256, 256))]).argmax(1)[0]
         total = total + Metrics.of(pred, rec.label)

@@ -164,7 +164,8 @@ def parse_options(cls: type[SourceOptions], source: str, raw: Mapping[str, Any])
     for key, value in raw.items():
         if key not in names:
             raise InputError(
-                f"imagery source {source!r}: unknown option {key!r}; its options are {', '.join(names)}",
+                f"imagery source {source!r}: bad options: {key!r} is not an option; its options are "
+                f"{', '.join(names)}",
                 param="source_options",
             )
         if isinstance(value, str):
