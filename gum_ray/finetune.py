@@ -132,7 +132,7 @@ def load_samples(data: str | os.PathLike[str], labels: str = "auto", *, model: U
             f"{unlabelled[0]!r}); fine-tuning needs labels: make the patches with a model "
             "(`gum patches --checkpoint CKPT`) for pseudo-labels, or add your labels with "
             "gum_ray.patches.PatchDataset(...).set_label(key, array)"
-            + ("; or use --labels auto" if labels != "auto" else "")
+            + ("; or let labels be auto" if labels != "auto" else "")
         )
     check_compatible(model, bool(attrs.get("with_products")), what=f"the patches in {ds.root}")
     return PatchSamples(ds.root, keys, used, model)
@@ -141,7 +141,7 @@ def load_samples(data: str | os.PathLike[str], labels: str = "auto", *, model: U
 def split_keys(keys: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Deterministic split by patch: (train, validation); at least one of each when there are 2+."""
     if not 0.0 < val_fraction < 1.0:
-        raise InputError(f"--val-fraction {val_fraction}: give a fraction between 0 and 1 (e.g. 0.2)")
+        raise InputError(f"val_fraction {val_fraction}: give a fraction between 0 and 1 (e.g. 0.2)", param="val_fraction")
     keys = sorted(keys)
     if len(keys) < 2:
         raise InputError(
@@ -177,13 +177,13 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise InputError(f"--epochs {self.epochs}: must be at least 1")
+            raise InputError(f"epochs {self.epochs}: must be at least 1", param="epochs")
         if self.batch_size < 1:
-            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
+            raise InputError(f"batch_size {self.batch_size}: must be at least 1", param="batch_size")
         if not self.lr > 0:
-            raise InputError(f"--lr {self.lr}: must be positive")
+            raise InputError(f"lr {self.lr}: must be positive", param="lr")
         if self.keep not in ("best", "last"):
-            raise InputError(f"--keep {self.keep!r}: use best or last")
+            raise InputError(f"keep {self.keep!r}: use best or last", param="keep")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -62,9 +62,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise InputError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+        raise InputError(f"device {device!r}: not a device; use auto, cpu, cuda or cuda:N", param="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        raise InputError(f"device {device}: no CUDA GPU is visible here; use the cpu device", param="device")
     return dev
 
 
@@ -76,13 +76,13 @@ def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype
         return torch.bfloat16
     if precision == "fp16":
         if device.type != "cuda":
-            raise InputError("--precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
+            raise InputError("precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32", param="precision")
         return torch.float16
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_supports_bf16() else None
-    raise InputError(f"--precision {precision!r}: use auto, fp32, bf16 or fp16")
+    raise InputError(f"precision {precision!r}: use auto, fp32, bf16 or fp16", param="precision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +100,9 @@ class InferenceSettings:
 
     def __post_init__(self) -> None:
         if not 1 <= self.stride <= CROP:
-            raise InputError(f"stride {self.stride}: must be between 1 and {CROP} px")
+            raise InputError(f"stride {self.stride}: must be between 1 and {CROP} px", param="stride")
         if self.batch_size < 1:
-            raise InputError(f"batch size {self.batch_size}: must be at least 1")
+            raise InputError(f"batch_size {self.batch_size}: must be at least 1", param="batch_size")
         if self.window not in ("hann", "none"):
             raise InputError(f"window {self.window!r}: use hann or none")
         if self.merge not in ("probability", "logits"):

@@ -59,7 +59,7 @@ def make_source(request, tmp_path):
             emu = request.getfixturevalue("emulator")
             return get_source("ee", url=emu.url, credentials="anonymous", project="gum-emulator",
                               with_products=with_products, backoff_s=0.002, backoff_max_s=0.05, **extra)
-        return get_source("geotiff", path=_geotiff_folder(tmp_path / f"exports{int(with_products)}", with_products),
+        return get_source("geotiff", path=_geotiff_folder(tmp_path / f"exports-{with_products}", with_products is True),
                           with_products=with_products, **extra)
 
     make.kind = kind
@@ -117,7 +117,7 @@ def test_options_are_a_frozen_typed_dataclass(make_source):
     with pytest.raises(dataclasses.FrozenInstanceError):
         src.options.with_products = False
     # KEY=VALUE strings become the option's type; unknown options are refused
-    opts = parse_options(type(src).Options, src.name, {"with_products": "no"})
+    opts = parse_options(type(src).Options, src.name, {**src.options.public(), "with_products": "no"})
     assert opts.with_products is False
     with pytest.raises(InputError, match="colour"):
         make_source(colour="blue")

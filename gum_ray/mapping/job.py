@@ -41,16 +41,16 @@ class MapJob:
 
     def __post_init__(self) -> None:
         if not self.years:
-            raise InputError("no year given: pass --year (one or more), e.g. --year 2020")
+            raise InputError("no year given: years needs one or more, e.g. 2020", param="years")
         if self.max_attempts < 1:
-            raise InputError(f"--max-attempts {self.max_attempts}: must be at least 1")
+            raise InputError(f"max_attempts {self.max_attempts}: must be at least 1", param="max_attempts")
         if self.halo_px < 0:
-            raise InputError(f"--halo {self.halo_px}: must be >= 0 px")
+            raise InputError(f"halo_px {self.halo_px}: must be >= 0 px", param="halo_px")
         if self.max_cells is not None and self.max_cells < 1:
-            raise InputError(f"--max-cells {self.max_cells}: must be at least 1")
+            raise InputError(f"max_cells {self.max_cells}: must be at least 1", param="max_cells")
         for name in ("fetch_concurrency", "write_concurrency"):
             if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+                raise InputError(f"{name} must be at least 1", param=name)
 
     def source_kwargs(self) -> dict[str, Any]:
         return dict(self.source_options)

@@ -82,7 +82,7 @@ class PatchJob:
         if not self.points:
             raise InputError("no points given; a points file needs at least one Point feature")
         if not 0.0 <= self.min_valid <= 1.0:
-            raise InputError(f"--min-valid {self.min_valid}: give a fraction between 0 and 1")
+            raise InputError(f"min_valid {self.min_valid}: give a fraction between 0 and 1", param="min_valid")
         if self.size < 16:
             raise InputError(f"patch size {self.size} px: must be at least 16")
 
