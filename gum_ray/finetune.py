@@ -1,18 +1,18 @@
 """Transfer learning: fine-tune a GUM checkpoint on patch data (pseudo-labels or the user's labels).
 
-A plain PyTorch loop on the mmsegmentation ``EncoderDecoder`` that :func:`gum_ray.model.build_model`
-builds (the same network mmseg's own runner would train, without its runner's configuration
-machinery): ``encode_decode`` gives the logits at the input size, the loss is cross-entropy with
-ignore index 255 (mmseg's ``CrossEntropyLoss`` of the GUM config, weight 1.0), AdamW with a linear
+A plain PyTorch loop on any model family through :class:`gum_ray.network.UrbanModel` (for GUM 1,
+the mmsegmentation ``EncoderDecoder`` that mmseg's own runner would train, without its runner's
+configuration machinery): the model's ``forward`` gives the logits of whole crops, the loss is
+cross-entropy with ignore index 255 (mmseg's ``CrossEntropyLoss`` of the GUM config, weight 1.0), AdamW with a linear
 warm-up and a cosine decay, random flips and 90-degree rotations as augmentation, bf16 autocast on
 a CPU that has native bf16 (AVX512-BF16/AMX) or a GPU, fp32 elsewhere, and optionally a frozen
-encoder (the UNet's encoder; its BatchNorm statistics are frozen too).
+encoder (the model's ``encoder``, GUM 1's UNet encoder; its BatchNorm statistics are frozen too).
 
 The patches are split into training and validation sets by patch (deterministic for a seed). The
 validation IoU and F1 of the urban class are measured before training (the starting checkpoint)
-and after each epoch; the best epoch's weights (or the last, ``keep="last"``) are saved with
-:func:`gum_ray.model.save_checkpoint`, i.e. in the mmseg format that ``gum predict`` and
-``gum map`` load, with the training settings and the per-epoch history in its ``meta``.
+and after each epoch; the best epoch's weights (or the last, ``keep="last"``) are saved with the
+model's ``save`` (GUM 1: :func:`gum_ray.model.save_checkpoint`, the mmseg format that ``gum predict``
+and ``gum map`` load), with the training settings and the per-epoch history in its ``meta``.
 
 The training steps (:class:`~gum_ray.training.Metrics`, :func:`~gum_ray.training.train_step`, ...)
 live in :mod:`gum_ray.training`, shared with :mod:`gum_ray.demo_model`.

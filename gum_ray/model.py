@@ -355,12 +355,12 @@ class Gum1:
     def encoder(self) -> torch.nn.Module:
         return self._module.backbone.encoder
 
-    def preprocess(self, export: "np.ndarray") -> "np.ndarray":
+    def preprocess(self, export: Any) -> Any:
         from gum_ray.bands import preprocess
 
         return preprocess(export, with_products=self.spec.with_products)
 
-    def validity(self, export: "np.ndarray") -> "np.ndarray":
+    def validity(self, export: Any) -> Any:
         from gum_ray.bands import validity_mask
 
         return validity_mask(export)
