@@ -21,12 +21,13 @@ class GumError(Exception):
 
     Args:
         message: the one-line message.
-        param: the library parameter the error is about (the CLI names its flag instead).
+        param: the library parameter (or parameters) the error is about (the CLI names their
+            flags instead).
     """
 
     exit_code = 2
 
-    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+    def __init__(self, message: str = "", *, param: str | tuple[str, ...] | None = None) -> None:
         super().__init__(message)
         self.param = param
 

@@ -35,14 +35,19 @@ FLAGS: dict[str, str] = {
     "lr": "--lr",
     "val_fraction": "--val-fraction",
     "keep": "--keep",
+    "cell_deg": "--cell-deg",
+    "chunk_px": "--chunk-px",
+    "max_px": "--max-px",
+    "level": "--level",
 }
 
 
 def flagify(exc: BaseException) -> str:
-    """The error's message with its parameter's name (first mention) written as the flag."""
+    """The error's message with its parameters' names (first mention of each) written as flags."""
     msg = str(exc)
-    param = getattr(exc, "param", None)
-    flag = FLAGS.get(param or "")
-    if flag:
-        msg = re.sub(rf"(?<![\w-]){re.escape(param)}(?!\w)", flag, msg, count=1)
+    params = getattr(exc, "param", None) or ()
+    for param in (params,) if isinstance(params, str) else params:
+        flag = FLAGS.get(param)
+        if flag:
+            msg = re.sub(rf"(?<![\w-]){re.escape(param)}(?!\w)", flag, msg, count=1)
     return msg

@@ -285,8 +285,9 @@ def _check_existing_product(job: MapJob) -> None:
         if grid != job.grid:
             raise InputError(
                 f"{job.product}: the product was created with {grid.cell_deg} degree cells and "
-                f"{grid.chunk_px} px chunks, not {job.grid.cell_deg} / {job.grid.chunk_px}; pass "
-                f"--cell-deg {grid.cell_deg} --chunk-px {grid.chunk_px}, or give a new product path"
+                f"{grid.chunk_px} px chunks, not {job.grid.cell_deg} / {job.grid.chunk_px}; give "
+                f"cell_deg {grid.cell_deg} and chunk_px {grid.chunk_px}, or a new product path",
+                param=("cell_deg", "chunk_px"),
             )
 
 

@@ -93,7 +93,8 @@ class PatchDataset:
                 if k in attrs and have.get(k) != attrs[k]:
                     raise InputError(
                         f"{self.root}: this patches dataset was made with {k} = {have.get(k)!r}, this run "
-                        f"asks for {attrs[k]!r}; use a new --out folder (or the same settings to resume)"
+                        f"asks for {attrs[k]!r}; use a new out folder (or the same settings to resume)",
+                        param="out",
                     )
             return
         if not fs.is_remote(self.root) and fs.exists(self.root):
@@ -101,7 +102,8 @@ class PatchDataset:
             if names:
                 raise InputError(
                     f"{self.root}: the folder holds other files ({', '.join(names[:3])}) and is not a "
-                    "patches dataset; give a new or empty --out folder"
+                    "patches dataset; give a new or empty out folder",
+                    param="out",
                 )
         g = zarr.open_group(fs.zarr_store(self.zarr_root), mode="w", zarr_format=3)
         g.attrs.update(attrs | {"created_at": _now(), "software_version": __version__})

@@ -227,7 +227,8 @@ def plan_patches(job: PatchJob, dataset: PatchDataset) -> tuple[list[Point], lis
             if abs(float(attrs.get("lon", p.lon)) - p.lon) > 1e-9 or abs(float(attrs.get("lat", p.lat)) - p.lat) > 1e-9:
                 raise InputError(
                     f"{dataset.root}: point {p.id!r} is stored at ({attrs.get('lon')}, {attrs.get('lat')}) "
-                    f"but the points file puts it at ({p.lon}, {p.lat}); give it a new id or use a new --out"
+                    f"but the points file puts it at ({p.lon}, {p.lat}); give it a new id or use a new out",
+                    param="out",
                 )
             done.append(PatchOutcome(p.id, p.key, "done_before", str(attrs.get("status"))))
         else:

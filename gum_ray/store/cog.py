@@ -119,7 +119,7 @@ def export_cog(
     if height * width > 2**34:
         raise InputError(
             f"export of {width} x {height} px is too large for one GeoTIFF; use a smaller area or "
-            f"an overview level (--level)"
+            f"a coarser overview (level)", param="level"
         )
     mask_geoms = None if _aoi_is_box(aoi) else _shifted_geometry(aoi)
 
