@@ -12,11 +12,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gum_ray"
 MAX_LINES = 800
 
 #: layers from the bottom up; a module may import its own layer and the layers below, never above
+#: (aoi, checkpoint_io, input_checks and viewer are the modules that issues 13 and 15 add)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("grid, bands, imagery", ("gum_ray.version", "gum_ray.errors", "gum_ray.bands", "gum_ray.grid",
-                              "gum_ray.imagery", "gum_ray.warp", "gum_ray.configs")),
-    ("model, inference", ("gum_ray.network", "gum_ray.model", "gum_ray.inference", "gum_ray.training")),
-    ("sources, store", ("gum_ray.sources", "gum_ray.store", "gum_ray.export_io")),
+                              "gum_ray.aoi", "gum_ray.imagery", "gum_ray.warp", "gum_ray.configs")),
+    ("model, inference", ("gum_ray.network", "gum_ray.model", "gum_ray.checkpoint_io", "gum_ray.input_checks",
+                          "gum_ray.inference", "gum_ray.training")),
+    ("sources, store", ("gum_ray.sources", "gum_ray.store", "gum_ray.export_io", "gum_ray.viewer")),
     ("patches, finetune, demo model", ("gum_ray.patches", "gum_ray.finetune", "gum_ray.demo_model",
                                        "gum_ray.predict")),
     ("mapping", ("gum_ray.mapping",)),
