@@ -104,9 +104,9 @@ class InferenceSettings:
         if self.batch_size < 1:
             raise InputError(f"batch_size {self.batch_size}: must be at least 1", param="batch_size")
         if self.window not in ("hann", "none"):
-            raise InputError(f"window {self.window!r}: use hann or none")
+            raise InputError(f"window {self.window!r}: use hann or none", param="window")
         if self.merge not in ("probability", "logits"):
-            raise InputError(f"merge {self.merge!r}: use probability or logits")
+            raise InputError(f"merge {self.merge!r}: use probability or logits", param="merge")
 
     @classmethod
     def seed(cls, **overrides) -> "InferenceSettings":
