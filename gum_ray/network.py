@@ -73,7 +73,10 @@ def as_model(obj: Any) -> UrbanModel:
 
 
 def load_model(path: Any) -> UrbanModel:
-    """Load and validate a checkpoint of any model family; the family is read from the checkpoint.
+    """Load and validate a checkpoint of any model family.
+
+    GUM 1 is the only family today; the next (GUM 2.0) reads its family from the checkpoint's keys
+    here, and nothing that uses the returned model changes.
 
     Raises:
         CheckpointError: the file is not a usable checkpoint (a missing file is also a
@@ -86,7 +89,7 @@ def load_model(path: Any) -> UrbanModel:
 
 def needs_products(model: UrbanModel) -> bool:
     """Whether the model reads the three built-up product bands."""
-    return set(model.required_bands) - set(export_band_names(False)) != set()
+    return bool(set(model.required_bands) - set(export_band_names(False)))
 
 
 def check_compatible(model: UrbanModel, with_products: bool, *, what: str = "the imagery") -> None:
