@@ -1,6 +1,6 @@
 """gum-ray: urban areas at 10 m with the GlobalUrbanMapper (GUM) model, from a city to a continent."""
 
-__version__ = "0.1.0"
+from gum_ray.version import __version__
 
 
 def open_product(path, **kwargs):

@@ -24,6 +24,7 @@ other command load through this module.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -107,6 +108,15 @@ def allowed_globals() -> list[tuple[Any, str]]:
     """(object, pickled name) pairs added to torch's own weights-only allow-list."""
     return (_numpy_globals() + [(InertState, name) for name in INERT_CLASSES]
             + [(inert_attribute, "builtins.getattr")])
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (a checkpoint's identity in provenance)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def is_safetensors(path: str | Path) -> bool:
@@ -261,8 +271,6 @@ def write_tensors_only(
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
-    from gum_ray.model import file_sha256
-
     return file_sha256(dst)
 
 
@@ -278,77 +286,3 @@ def load_trusted_pickle(path: str | Path) -> Any:
             f"checkpoint {path}: not a readable PyTorch checkpoint ({_short(exc)}); "
             "is the file complete (not truncated)?"
         ) from None
-
-
-def _json_safe(meta: Any) -> dict[str, Any]:
-    """The JSON-representable top-level entries of a source checkpoint's ``meta`` (others dropped)."""
-    out: dict[str, Any] = {}
-    if not isinstance(meta, dict):
-        return out
-    for k, v in meta.items():
-        try:
-            json.dumps(v)
-        except (TypeError, ValueError):
-            continue
-        out[str(k)] = v
-    return out
-
-
-def convert_checkpoint(src: str | Path, dst: str | Path, *, trust: bool = False,
-                       overwrite: bool = False) -> tuple[str, Any]:
-    """Write the GUM weights of ``src`` to a tensors-only ``dst`` (safetensors); returns
-    ``(dst sha256, LoadedModel of dst)``.
-
-    ``src`` is read safely; only if it is refused for its Python globals and ``trust`` is True is
-    it unpickled fully (which runs whatever it names: the user vouches for the file). The result
-    is validated as a GUM checkpoint before it appears under its name, and records the source's
-    sha256 (``source_sha256``), its name, whether trust was needed, and the architecture.
-    """
-    import os
-    import tempfile
-
-    from gum_ray import __version__
-    from gum_ray.errors import InputError
-    from gum_ray.model import extract_state_dict, file_sha256, infer_spec, load_checkpoint
-
-    src, dst = Path(src), Path(dst)
-    if dst.suffix != SAFETENSORS_SUFFIX:
-        raise InputError(f"output {dst}: give a {SAFETENSORS_SUFFIX} file name for the tensors-only checkpoint")
-    if dst.exists() and not overwrite:
-        raise InputError(f"output {dst}: exists; give another name or --overwrite")
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise InputError(f"output {dst}: is the source checkpoint; write to a new file")
-    trusted_load = False
-    try:
-        raw = read_checkpoint(src)
-    except UnsafeCheckpointError as exc:
-        if not trust:
-            raise UnsafeCheckpointError(
-                str(exc).split(" If you trust", 1)[0] + " Add --trust only if you trust the file "
-                "and where it came from (converting runs it once, here)"
-            ) from None
-        raw = load_trusted_pickle(src)
-        trusted_load = True
-    sd = extract_state_dict(raw, src)
-    spec = infer_spec(sd, src)
-    meta = raw.get("meta") if isinstance(raw, dict) else None
-    metadata = {
-        "source": src.name,
-        "source_sha256": file_sha256(src),
-        "source_needed_trust": trusted_load,
-        "gum_ray_spec": spec.as_dict(),
-        "converted_by": f"gum-ray {__version__}",
-        "source_meta": _json_safe(meta),
-    }
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=SAFETENSORS_SUFFIX, dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_tensors_only(sd, tmp, metadata)
-        loaded = load_checkpoint(tmp)  # keys, shapes, finite values: a GUM checkpoint or an error
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    loaded.path = str(dst)
-    return file_sha256(dst), loaded

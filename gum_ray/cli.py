@@ -2,8 +2,9 @@
 
 Each subcommand lives in its own module under :mod:`gum_ray.commands` with two functions:
 ``add_parser(subparsers)`` and ``run(args) -> int``. A :class:`~gum_ray.errors.GumError` is printed
-as one line (``gum: error: ...``) with a non-zero exit code; no traceback reaches the user, and
-no third-party warning unless ``--verbose`` (:mod:`gum_ray.quiet`).
+as one line (``gum: error: ...``, the parameter it names written as its flag, see
+:func:`gum_ray.commands.flagify`) with a non-zero exit code; no traceback reaches the user, and no
+third-party warning unless ``--verbose`` (:mod:`gum_ray.quiet`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import argparse
 import importlib
 import sys
 
-from gum_ray import __version__, quiet
+from gum_ray import quiet
+from gum_ray.version import __version__
 from gum_ray.errors import GumError
 
 # subcommand name -> module under gum_ray.commands (imported lazily: `gum --help` stays fast)
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except GumError as exc:
-        print(f"gum: error: {exc}", file=sys.stderr)
+        from gum_ray.commands import flagify
+
+        print(f"gum: error: {flagify(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("gum: interrupted; finished outputs are kept, unfinished ones were not written", file=sys.stderr)

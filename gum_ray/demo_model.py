@@ -43,14 +43,16 @@ import numpy as np
 import torch
 
 from gum_ray.errors import InputError
-from gum_ray.model import ModelSpec
+from gum_ray.inference import CROP
+from gum_ray.model import Gum1, ModelSpec
 
 log = logging.getLogger(__name__)
 
 DEMO_VERSION = 1
 DEMO_SPEC = ModelSpec(in_channels=10, base_channels=16, psp_channels=8)
 ENV_PATH = "GUM_DEMO_MODEL"
-CROP = 256
+#: the checkpoint name that means "the demo model" (a source's ``default_checkpoint``, ``--checkpoint demo``)
+DEMO = "demo"
 
 #: Training places (name, lon, lat): the centres of square UTM training grids.
 TRAIN_AREAS: tuple[tuple[str, float, float], ...] = (
@@ -135,12 +137,12 @@ class DemoRecipe:
 @functools.lru_cache(maxsize=1)
 def world_fingerprint() -> str:
     """A hash of a small sample of the synthetic world (imagery and classes near the demo town)."""
-    from gum_ray.patches import point_geobox
+    from gum_ray.grid import point_geobox
     from gum_ray.sources.synthetic import DEMO_LONLAT, render
 
-    sample = render(point_geobox(*DEMO_LONLAT, size=48), 2021)
-    h = hashlib.sha256(np.ascontiguousarray(sample.export).tobytes())
-    h.update(np.ascontiguousarray(sample.classes).tobytes())
+    imagery, classes = render(point_geobox(*DEMO_LONLAT, size=48), 2021)
+    h = hashlib.sha256(np.ascontiguousarray(imagery.export).tobytes())
+    h.update(np.ascontiguousarray(classes).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -162,7 +164,7 @@ def default_path(recipe: DemoRecipe | None = None) -> Path:
 
 def area_geobox(lon: float, lat: float, size: int):
     """A ``size`` x ``size`` 10 m grid in the UTM zone of (lon, lat), centred on it."""
-    from gum_ray.patches import point_geobox
+    from gum_ray.grid import point_geobox
 
     return point_geobox(lon, lat, size=size)
 
@@ -209,7 +211,7 @@ def _training_data(recipe: DemoRecipe) -> list[_Area]:
 
 
 def _sample_batch(areas: Sequence[_Area], recipe: DemoRecipe, rng: np.random.Generator):
-    from gum_ray.finetune import augment
+    from gum_ray.training import augment
 
     xs, ys = [], []
     n = recipe.train_area_px
@@ -242,7 +244,7 @@ class HeldOutResult:
     """Urban IoU of a model on the held-out areas (per area and pooled over all pixels)."""
 
     per_area: dict[str, Any]
-    total: Any  # finetune.Metrics
+    total: Any  # training.Metrics
     year: int
     seconds: float
 
@@ -265,7 +267,7 @@ def evaluate_held_out(
     size: int | None = None,
 ) -> HeldOutResult:
     """Predict the held-out areas with the standard engine and compare with the ground truth."""
-    from gum_ray.finetune import Metrics
+    from gum_ray.training import Metrics
     from gum_ray.inference import InferenceEngine, InferenceSettings
 
     recipe = recipe or DemoRecipe()
@@ -305,8 +307,8 @@ def train_demo_model(
     echo: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Train the demo model with ``recipe``, evaluate it on the held-out areas, save it to ``out``."""
-    from gum_ray.finetune import lr_at, train_step, training_autocast
-    from gum_ray.model import build_model, save_checkpoint
+    from gum_ray.model import build_model
+    from gum_ray.training import lr_at, train_step, training_autocast
 
     recipe = recipe or DemoRecipe()
     say = echo or (lambda _m: None)
@@ -319,11 +321,11 @@ def train_demo_model(
 
     device = torch.device("cpu")
     amp = training_autocast("auto", device)
-    model = build_model(recipe.spec)
-    model.train()
+    model = Gum1(build_model(recipe.spec), recipe.spec)
+    model.module.train()
     memory_format = torch.channels_last if amp is not None else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    model.module.to(memory_format=memory_format)
+    opt = torch.optim.AdamW(model.module.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     t_train = time.perf_counter()
     losses: list[float] = []
     step = 0
@@ -347,8 +349,8 @@ def train_demo_model(
             say(f"demo model: step {step}/{recipe.steps}  loss {np.mean(losses[-40:]):.4f}  lr {lr:.2e}  "
                 f"{time.perf_counter() - t_train:.0f} s")
     train_seconds = time.perf_counter() - t_train
-    model.eval()
-    model = model.to(memory_format=torch.contiguous_format)
+    model.module.eval()
+    model.module.to(memory_format=torch.contiguous_format)
     held = evaluate_held_out(model, recipe)
     total_seconds = time.perf_counter() - t_start
     say(f"demo model: {step} steps in {train_seconds:.0f} s (stopped by {stopped_by}); held-out IoU "
@@ -374,8 +376,30 @@ def train_demo_model(
                              "decode_head": "PSPHead", "psp_channels": recipe.spec.psp_channels,
                              "in_channels": recipe.spec.in_channels, "num_classes": 2}},
     }
-    sha = save_checkpoint(model, out, recipe.spec, meta=meta)
+    sha = model.save(out, meta)
     return DemoResult(Path(out), sha, held, train_seconds, total_seconds, step)
+
+
+def resolve_checkpoint(checkpoint: str | None, source: Any = None) -> str:
+    """The checkpoint file to use: ``checkpoint``, else the source's default; ``"demo"`` is the demo model.
+
+    Args:
+        checkpoint: a checkpoint path, ``"demo"``, or None.
+        source: the imagery source (its :attr:`~gum_ray.sources.base.ImagerySource.default_checkpoint`
+            applies when ``checkpoint`` is None).
+
+    Raises:
+        InputError: no checkpoint given and the source has no default (``param`` = ``checkpoint``).
+    """
+    name = checkpoint or (source.default_checkpoint if source is not None else None)
+    if not name:
+        where = f"the {source.name!r} source" if source is not None else "this model"
+        raise InputError(
+            f"checkpoint is required with {where} (a GUM checkpoint .pth, e.g. stage2.pth); only "
+            'the synthetic world has a built-in demo model ("demo")',
+            param="checkpoint",
+        )
+    return str(ensure_demo_model()) if name == DEMO else str(name)
 
 
 def ensure_demo_model(
@@ -425,6 +449,7 @@ __all__ = [
     "cache_dir",
     "default_path",
     "ensure_demo_model",
+    "resolve_checkpoint",
     "evaluate_held_out",
     "render_area",
     "train_demo_model",

@@ -1,21 +1,21 @@
 """Transfer learning: fine-tune a GUM checkpoint on patch data (pseudo-labels or the user's labels).
 
-A plain PyTorch loop on the mmsegmentation ``EncoderDecoder`` that :func:`gum_ray.model.build_model`
-builds (the same network mmseg's own runner would train, without its runner's configuration
-machinery): ``encode_decode`` gives the logits at the input size, the loss is cross-entropy with
-ignore index 255 (mmseg's ``CrossEntropyLoss`` of the GUM config, weight 1.0), AdamW with a linear
+A plain PyTorch loop on any model family through :class:`gum_ray.network.UrbanModel` (for GUM 1,
+the mmsegmentation ``EncoderDecoder`` that mmseg's own runner would train, without its runner's
+configuration machinery): the model's ``forward`` gives the logits of whole crops, the loss is
+cross-entropy with ignore index 255 (mmseg's ``CrossEntropyLoss`` of the GUM config, weight 1.0), AdamW with a linear
 warm-up and a cosine decay, random flips and 90-degree rotations as augmentation, bf16 autocast on
 a CPU that has native bf16 (AVX512-BF16/AMX) or a GPU, fp32 elsewhere, and optionally a frozen
-encoder (the UNet's encoder; its BatchNorm statistics are frozen too).
+encoder (the model's ``encoder``, GUM 1's UNet encoder; its BatchNorm statistics are frozen too).
 
 The patches are split into training and validation sets by patch (deterministic for a seed). The
 validation IoU and F1 of the urban class are measured before training (the starting checkpoint)
-and after each epoch; the best epoch's weights (or the last, ``keep="last"``) are saved with
-:func:`gum_ray.model.save_checkpoint`, i.e. in the mmseg format that ``gum predict`` and
-``gum map`` load, with the training settings and the per-epoch history in its ``meta``.
+and after each epoch; the best epoch's weights (or the last, ``keep="last"``) are saved with the
+model's ``save`` (GUM 1: :func:`gum_ray.model.save_checkpoint`, the mmseg format that ``gum predict``
+and ``gum map`` load), with the training settings and the per-epoch history in its ``meta``.
 
-The training primitives (:class:`Metrics`, :func:`train_step`, :func:`predict_logits`,
-:func:`lr_at`, :func:`training_autocast`) are shared with :mod:`gum_ray.demo_model`.
+The training steps (:class:`~gum_ray.training.Metrics`, :func:`~gum_ray.training.train_step`, ...)
+live in :mod:`gum_ray.training`, shared with :mod:`gum_ray.demo_model`.
 """
 
 from __future__ import annotations
@@ -33,149 +33,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gum_ray.errors import CheckpointError, InputError
+from gum_ray.errors import InputError
+from gum_ray.network import UrbanModel, check_compatible
+from gum_ray.training import (  # noqa: F401 - Metrics, lr_at, ... re-exported for callers of finetune
+    IGNORE,
+    Metrics,
+    augment,
+    freeze_encoder,
+    lr_at,
+    predict_logits,
+    set_train_mode,
+    train_step,
+    training_autocast,
+)
 
 log = logging.getLogger(__name__)
-
-IGNORE = 255
-CROP = 256
-
-
-# ------------------------------------------------------------------------------------- metrics
-
-
-@dataclasses.dataclass
-class Metrics:
-    """Confusion counts of the urban class over the labelled pixels (label 255 is ignored)."""
-
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
-    tn: int = 0
-
-    @classmethod
-    def of(cls, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> "Metrics":
-        """Counts from a predicted class map and a target (0/1, 255 = ignore), any equal shapes."""
-        p = torch.as_tensor(pred)
-        t = torch.as_tensor(target)
-        keep = t != IGNORE
-        p, t = p[keep].bool(), t[keep].bool()
-        tp = int((p & t).sum())
-        fp = int((p & ~t).sum())
-        fn = int((~p & t).sum())
-        return cls(tp, fp, fn, int(keep.sum()) - tp - fp - fn)
-
-    def __add__(self, other: "Metrics") -> "Metrics":
-        return Metrics(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
-
-    @property
-    def iou(self) -> float:
-        d = self.tp + self.fp + self.fn
-        return self.tp / d if d else 1.0
-
-    @property
-    def f1(self) -> float:
-        d = 2 * self.tp + self.fp + self.fn
-        return 2 * self.tp / d if d else 1.0
-
-    @property
-    def precision(self) -> float:
-        d = self.tp + self.fp
-        return self.tp / d if d else 1.0
-
-    @property
-    def recall(self) -> float:
-        d = self.tp + self.fn
-        return self.tp / d if d else 1.0
-
-    @property
-    def accuracy(self) -> float:
-        n = self.tp + self.fp + self.fn + self.tn
-        return (self.tp + self.tn) / n if n else 1.0
-
-    def as_dict(self) -> dict[str, float]:
-        return {"iou": self.iou, "f1": self.f1, "precision": self.precision, "recall": self.recall,
-                "accuracy": self.accuracy, "tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn}
-
-
-# ---------------------------------------------------------------------------------- primitives
-
-
-def training_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for training: ``auto`` = bf16 where the device has it natively, else fp32."""
-    from gum_ray.inference import resolve_precision
-
-    return resolve_precision(precision, device)  # type: ignore[arg-type]
-
-
-def _metas(x: torch.Tensor) -> list[dict[str, Any]]:
-    return [dict(img_shape=(x.shape[2], x.shape[3]))] * x.shape[0]
-
-
-def train_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    autocast_dtype: torch.dtype | None,
-    scaler: Any = None,
-) -> float:
-    """One optimisation step on a batch (B, C, H, W) / (B, H, W) int64 (255 = ignore); the loss."""
-    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        logits = model.encode_decode(x, _metas(x))
-    loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
-    optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):  # all pixels ignored, or a diverging step: skip it
-        return float("nan")
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    return float(loss.detach())
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """Logits (B, 2, H, W) float32 of whole crops in eval mode (the network's view of one crop)."""
-    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        return model.encode_decode(x, _metas(x)).float()
-
-
-def lr_at(progress: float, base_lr: float, warmup: float = 0.05, floor: float = 0.02) -> float:
-    """Learning rate at ``progress`` in [0, 1]: linear warm-up, then cosine decay to ``floor`` x base."""
-    progress = min(max(progress, 0.0), 1.0)
-    if warmup > 0 and progress < warmup:
-        return base_lr * (0.1 + 0.9 * progress / warmup)
-    t = (progress - warmup) / max(1.0 - warmup, 1e-9)
-    return base_lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
-
-
-def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A random flip / 90-degree rotation (the 8 symmetries of the square) of a (C, H, W) crop + label."""
-    k = int(rng.integers(4))
-    if k:
-        x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k, axes=(0, 1))
-    if rng.integers(2):
-        x, y = x[:, :, ::-1], y[:, ::-1]
-    return np.ascontiguousarray(x), np.ascontiguousarray(y)
-
-
-def freeze_encoder(model: torch.nn.Module) -> int:
-    """Freeze the UNet encoder's weights (and its BatchNorm statistics); returns tensors frozen."""
-    n = 0
-    for p in model.backbone.encoder.parameters():
-        p.requires_grad_(False)
-        n += 1
-    return n
-
-
-def set_train_mode(model: torch.nn.Module, frozen_encoder: bool) -> None:
-    model.train()
-    if frozen_encoder:
-        model.backbone.encoder.eval()  # BN running statistics stay those of the checkpoint
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -192,7 +64,7 @@ class PatchSamples:
     root: str
     keys: list[str]
     labels_used: dict[str, str]
-    with_products: bool  # feed the 13-channel model
+    model: UrbanModel  # whose preprocessing and validity make the inputs and the ignored pixels
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
     cache_limit: int = 400  # patches kept in memory (about 2.6 MB each for 10 channels)
 
@@ -201,15 +73,14 @@ class PatchSamples:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        from gum_ray.bands import preprocess, validity_mask
         from gum_ray.patches import PatchDataset
 
         rec = PatchDataset(self.root).read(key)
-        export = rec.export
+        export = rec.imagery.export
         y = (rec.label if self.labels_used[key] == "label" else rec.cls).astype(np.uint8).copy()
-        y[~validity_mask(export)] = IGNORE
+        y[~self.model.validity(export)] = IGNORE
         y[(y != 0) & (y != 1)] = IGNORE
-        x = preprocess(export, with_products=self.with_products)
+        x = self.model.preprocess(export)
         if len(self.cache) < self.cache_limit:
             self.cache[key] = (x, y)
         return x, y
@@ -225,18 +96,17 @@ class PatchSamples:
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64))
 
 
-def load_samples(data: str | os.PathLike[str], labels: str = "auto", *, spec_channels: int,
-                 init: str = "checkpoint") -> PatchSamples:
-    """The labelled patches of a dataset, checked against the model's input channels.
+def load_samples(data: str | os.PathLike[str], labels: str = "auto", *, model: UrbanModel) -> PatchSamples:
+    """The labelled patches of a dataset, checked against the model (:func:`~gum_ray.network.check_compatible`).
 
     ``labels``: ``auto`` (the user's ``label`` where a patch has one, else the pseudo-label
-    ``class``), ``label`` or ``class``. No labels at all -> :class:`InputError`; a 13-channel model
-    and patches without the product bands -> :class:`CheckpointError`.
+    ``class``), ``label`` or ``class``. No labels at all -> :class:`InputError`; a model that needs
+    bands the patches lack (the 13-channel model, patches without products) -> :class:`CheckpointError`.
     """
     from gum_ray.patches import PatchDataset
 
     if labels not in ("auto", "label", "class"):
-        raise InputError(f"--labels {labels!r}: use auto, label or class")
+        raise InputError(f"labels {labels!r}: use auto, label or class", param="labels")
     ds = PatchDataset(data)
     attrs = ds.attrs  # InputError if not a patches dataset
     keys = ds.complete_keys()
@@ -262,24 +132,16 @@ def load_samples(data: str | os.PathLike[str], labels: str = "auto", *, spec_cha
             f"{unlabelled[0]!r}); fine-tuning needs labels: make the patches with a model "
             "(`gum patches --checkpoint CKPT`) for pseudo-labels, or add your labels with "
             "gum_ray.patches.PatchDataset(...).set_label(key, array)"
-            + ("; or use --labels auto" if labels != "auto" else "")
+            + ("; or let labels be auto" if labels != "auto" else "")
         )
-    data_products = bool(attrs.get("with_products"))
-    if spec_channels == 13 and not data_products:
-        raise CheckpointError(
-            f"{init}: is a 13-channel ('with products') model, but the patches in {ds.root} have no "
-            "product bands (11-band imagery, 10 model channels); fine-tune the 10-channel checkpoint, "
-            "or make the patches with --products"
-        )
-    if spec_channels not in (10, 13):
-        raise CheckpointError(f"{init}: takes {spec_channels} input channels; GUM models take 10 or 13")
-    return PatchSamples(ds.root, keys, used, with_products=spec_channels == 13)
+    check_compatible(model, bool(attrs.get("with_products")), what=f"the patches in {ds.root}")
+    return PatchSamples(ds.root, keys, used, model)
 
 
 def split_keys(keys: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Deterministic split by patch: (train, validation); at least one of each when there are 2+."""
     if not 0.0 < val_fraction < 1.0:
-        raise InputError(f"--val-fraction {val_fraction}: give a fraction between 0 and 1 (e.g. 0.2)")
+        raise InputError(f"val_fraction {val_fraction}: give a fraction between 0 and 1 (e.g. 0.2)", param="val_fraction")
     keys = sorted(keys)
     if len(keys) < 2:
         raise InputError(
@@ -315,13 +177,13 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise InputError(f"--epochs {self.epochs}: must be at least 1")
+            raise InputError(f"epochs {self.epochs}: must be at least 1", param="epochs")
         if self.batch_size < 1:
-            raise InputError(f"--batch-size {self.batch_size}: must be at least 1")
+            raise InputError(f"batch_size {self.batch_size}: must be at least 1", param="batch_size")
         if not self.lr > 0:
-            raise InputError(f"--lr {self.lr}: must be positive")
+            raise InputError(f"lr {self.lr}: must be positive", param="lr")
         if self.keep not in ("best", "last"):
-            raise InputError(f"--keep {self.keep!r}: use best or last")
+            raise InputError(f"keep {self.keep!r}: use best or last", param="keep")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -358,10 +220,10 @@ class FinetuneResult:
     seconds: float
 
 
-def evaluate(model: torch.nn.Module, samples: PatchSamples, keys: Sequence[str], batch_size: int,
+def evaluate(model: UrbanModel, samples: PatchSamples, keys: Sequence[str], batch_size: int,
              device: torch.device, autocast_dtype: torch.dtype | None) -> tuple[Metrics, float]:
     """Urban-class metrics and mean loss of whole-patch predictions on ``keys`` (eval mode)."""
-    model.eval()
+    model.module.eval()
     total, loss_sum, n_pix = Metrics(), 0.0, 0
     for i in range(0, len(keys), batch_size):
         x, y = samples.batch(keys[i : i + batch_size])
@@ -388,25 +250,22 @@ def finetune(
     ``init`` may be ``demo`` for the demo model of the synthetic world. Prints one line per epoch
     through ``echo`` (None = silent).
     """
+    from gum_ray.demo_model import resolve_checkpoint
     from gum_ray.inference import resolve_device
-    from gum_ray.model import file_sha256, load_checkpoint, save_checkpoint
+    from gum_ray.network import load_model
 
     s = settings or FinetuneSettings()
     say = echo or (lambda _m: None)
     t_start = time.perf_counter()
-    init = str(init)
-    if init == "demo":
-        from gum_ray.demo_model import ensure_demo_model
-
-        init = str(ensure_demo_model())
+    init = resolve_checkpoint(str(init))
     out = Path(out)
     if out.suffix != ".pth":
-        raise InputError(f"--out {out}: give a .pth file name for the new checkpoint")
+        raise InputError(f"out {out}: give a .pth file name for the new checkpoint", param="out")
     if out.resolve() == Path(init).resolve():
-        raise InputError(f"--out {out}: is the --init checkpoint; write the fine-tuned model to a new file")
-    loaded = load_checkpoint(init)
-    spec = loaded.spec
-    samples = load_samples(data, s.labels, spec_channels=spec.in_channels, init=f"checkpoint {init}")
+        raise InputError(f"out {out}: is the init checkpoint; write the fine-tuned model to a new file", param="out")
+    model = load_model(init)
+    init_provenance = model.provenance()
+    samples = load_samples(data, s.labels, model=model)
     train_keys, val_keys = split_keys(samples.keys, s.val_fraction, s.seed)
 
     torch.manual_seed(s.seed)
@@ -414,12 +273,13 @@ def finetune(
     device = resolve_device(s.device)
     amp = training_autocast(s.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    model = loaded.model.to(device)
+    model.module.to(device)
     frozen = freeze_encoder(model) if s.freeze_encoder else 0
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     n_label = sum(v == "label" for v in samples.labels_used.values())
-    say(f"fine-tuning {Path(init).name} ({spec.in_channels} channels, base {spec.base_channels}) on "
+    arch = ", ".join(f"{k} {v}" for k, v in (init_provenance.get("spec") or {}).items() if k != "in_channels")
+    say(f"fine-tuning {Path(init).name} ({model.in_channels} channels{', ' + arch if arch else ''}) on "
         f"{len(train_keys)} patches, validating on {len(val_keys)}; labels: {n_label} user, "
         f"{len(samples.keys) - n_label} pseudo; {'bf16' if amp == torch.bfloat16 else 'fp16' if amp else 'fp32'} "
         f"on {device}" + (f"; encoder frozen ({frozen} tensors)" if frozen else ""))
@@ -428,7 +288,7 @@ def finetune(
     say(f"epoch 0/{s.epochs}  (starting checkpoint)  val loss {before_loss:.4f}  "
         f"val IoU {before.iou:.4f}  F1 {before.f1:.4f}")
     best_iou, best_epoch = before.iou, 0
-    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    best_state = {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
     steps_per_epoch = math.ceil(len(train_keys) / s.batch_size)
     total_steps = steps_per_epoch * s.epochs
     history: list[EpochStats] = []
@@ -457,19 +317,19 @@ def finetune(
         say(st.line(s.epochs))
         if s.keep == "last" or val.iou > best_iou:
             best_iou, best_epoch = val.iou, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
         if s.max_seconds is not None and time.perf_counter() - t_start > s.max_seconds and epoch < s.epochs:
             say(f"stopping after epoch {epoch}: --max-seconds {s.max_seconds:g} reached")
             break
-    model.load_state_dict(best_state)
-    model.eval().cpu()
-    for p in model.parameters():
+    model.module.load_state_dict(best_state)
+    model.module.eval().cpu()
+    for p in model.module.parameters():
         p.requires_grad_(True)
     after = before if best_epoch == 0 else history[best_epoch - 1].val
     meta = {
         "gum_ray_finetune": {
             "init": str(init),
-            "init_sha256": file_sha256(init),
+            "init_sha256": init_provenance["checkpoint_sha256"],
             "data": samples.root,
             "settings": s.as_dict(),
             "precision": str(amp).replace("torch.", "") if amp else "fp32",
@@ -483,9 +343,9 @@ def finetune(
             "best_epoch": best_epoch,
             "history": [h.as_dict() for h in history],
         },
-        "init_meta": {k: v for k, v in loaded.meta.items() if k != "gum_ray_finetune"},
+        "init_meta": {k: v for k, v in model.meta.items() if k != "gum_ray_finetune"},
     }
-    sha = save_checkpoint(model, out, spec, meta=meta)
+    sha = model.save(out, meta)
     if best_epoch == 0:
         say("no epoch beat the starting checkpoint on the validation patches; saved the starting weights")
     say(f"val IoU {before.iou:.4f} -> {after.iou:.4f} (epoch {best_epoch}); wrote {out} (sha256 {sha[:12]})")

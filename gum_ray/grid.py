@@ -203,6 +203,29 @@ def utm_crs_for(lon: float, lat: float) -> CRS:
     return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
 
 
+def point_geobox(lon: float, lat: float, size: int = 256, resolution: float = UTM_RESOLUTION_M) -> GeoBox:
+    """The ``size`` x ``size`` GeoBox at ``resolution`` m in the point's UTM zone, centred on it.
+
+    Pixel edges lie on multiples of ``resolution`` (the lattice of every gum-ray UTM grid), so the
+    centre is within half a pixel of the point in x and in y (a patch, a demo area).
+    """
+    crs = utm_crs_for(lon, lat)
+    x, y = Transformer.from_crs(4326, crs, always_xy=True).transform(lon, lat)
+    half = size * resolution / 2.0
+    x0 = round((x - half) / resolution) * resolution
+    y1 = round((y + half) / resolution) * resolution
+    return GeoBox((size, size), Affine(resolution, 0.0, x0, 0.0, -resolution, y1), crs)
+
+
+def centre_offset_px(geobox: GeoBox, lon: float, lat: float) -> tuple[float, float]:
+    """(dx, dy) in pixels from the GeoBox's centre to the point (within +-0.5 for a patch)."""
+    x, y = Transformer.from_crs(4326, geobox.crs.to_wkt(), always_xy=True).transform(lon, lat)
+    a = geobox.affine
+    h, w = geobox.shape
+    cx, cy = a.c + a.a * w / 2.0, a.f + a.e * h / 2.0
+    return (x - cx) / abs(a.a), (cy - y) / abs(a.e)
+
+
 @dataclass(frozen=True)
 class Cell:
     """One product cell = one Zarr shard: integer ``(row, col)`` in the global cell lattice."""
@@ -612,3 +635,46 @@ def aoi_from_args(args: Any) -> AOI:
 
         note_antimeridian(aoi)
     return aoi
+
+
+# ------------------------------------------------------------------------- the AOI cell cap
+
+
+def count_cells(aoi: AOI, grid: ProductGrid, limit: int) -> int:
+    """Cells the AOI touches (as :func:`cells_for_aoi` counts them), stopping once
+    more than ``limit`` are found: time and memory stay bounded whatever the AOI."""
+    n = grid.cell_px
+    found: set[tuple[int, int]] = set()
+    for part in aoi.parts:
+        w, s, e, nn = part.bounds
+        rows = _edge_range((90.0 - nn) * PIXELS_PER_DEGREE, (90.0 - s) * PIXELS_PER_DEGREE, n, grid.n_rows)
+        cols = _edge_range((w + 180.0) * PIXELS_PER_DEGREE, (e + 180.0) * PIXELS_PER_DEGREE, n, grid.n_cols)
+        if not rows or not cols:
+            continue
+        shapely.prepare(part)
+        cc_all = np.array(cols)
+        step = max(1, min(200_000, max(limit, 1_000)) // len(cols))  # boxes per chunk ~ the limit
+        for r0 in range(rows.start, rows.stop, step):
+            rr, cc = np.meshgrid(np.arange(r0, min(r0 + step, rows.stop)), cc_all, indexing="ij")
+            rr, cc = rr.ravel(), cc.ravel()
+            boxes = shapely.box(col_lon(cc * n), row_lat((rr + 1) * n), col_lon((cc + 1) * n), row_lat(rr * n))
+            hit = shapely.intersects(part, boxes) & ~shapely.touches(part, boxes)
+            found.update(zip(rr[hit].tolist(), cc[hit].tolist()))
+            if len(found) > limit:
+                return len(found)
+    return len(found)
+
+
+def check_cell_cap(aoi: AOI, grid: ProductGrid, max_cells: int | None) -> None:
+    """Refuse an AOI that plans more than ``max_cells`` cells (None or 0: no cap)."""
+    if not max_cells:
+        return
+    n = count_cells(aoi, grid, max_cells)
+    if n > max_cells:
+        w, s, e, nn = aoi.bounds
+        raise InputError(
+            f"{aoi.source}: covers more than {max_cells:,} cells of {grid.cell_deg:g} degrees "
+            f"(W S E N = {w:g} {s:g} {e:g} {nn:g}, about {aoi.area_km2():,.0f} km²); check for a typo or "
+            "swapped/projected coordinates, or raise the cap with max_aoi_cells N (0 = no cap)",
+            param="max_aoi_cells",
+        )

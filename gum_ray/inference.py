@@ -1,4 +1,9 @@
-"""Overlap-blend tiled inference of the GUM network: batched, mixed precision, bounded memory.
+"""Overlap-blend tiled inference of a GUM model: batched, mixed precision, bounded memory.
+
+The engine knows a model only through :class:`gum_ray.network.UrbanModel` (its input channels,
+preprocessing, validity and a forward on a batch of crops), so every model family runs through it
+the same way. :meth:`InferenceEngine.predict_imagery` takes an :class:`~gum_ray.imagery.Imagery` and
+returns a :class:`~gum_ray.imagery.Prediction` on the same grid.
 
 The network always sees 256 x 256 crops (the training crop; the PSP head pools over the whole crop,
 so a prediction depends on the crop's extent). Crop positions follow mmsegmentation's slide
@@ -31,6 +36,8 @@ import numpy as np
 import torch
 
 from gum_ray.errors import InputError
+from gum_ray.imagery import Imagery, Prediction, probability_to_uint8  # noqa: F401 - re-exported
+from gum_ray.network import UrbanModel, as_model
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +62,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise InputError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+        raise InputError(f"device {device!r}: not a device; use auto, cpu, cuda or cuda:N", param="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        raise InputError(f"device {device}: no CUDA GPU is visible here; use the cpu device", param="device")
     return dev
 
 
@@ -69,13 +76,13 @@ def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype
         return torch.bfloat16
     if precision == "fp16":
         if device.type != "cuda":
-            raise InputError("--precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
+            raise InputError("precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32", param="precision")
         return torch.float16
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_supports_bf16() else None
-    raise InputError(f"--precision {precision!r}: use auto, fp32, bf16 or fp16")
+    raise InputError(f"precision {precision!r}: use auto, fp32, bf16 or fp16", param="precision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +100,13 @@ class InferenceSettings:
 
     def __post_init__(self) -> None:
         if not 1 <= self.stride <= CROP:
-            raise InputError(f"stride {self.stride}: must be between 1 and {CROP} px")
+            raise InputError(f"stride {self.stride}: must be between 1 and {CROP} px", param="stride")
         if self.batch_size < 1:
-            raise InputError(f"batch size {self.batch_size}: must be at least 1")
+            raise InputError(f"batch_size {self.batch_size}: must be at least 1", param="batch_size")
         if self.window not in ("hann", "none"):
-            raise InputError(f"window {self.window!r}: use hann or none")
+            raise InputError(f"window {self.window!r}: use hann or none", param="window")
         if self.merge not in ("probability", "logits"):
-            raise InputError(f"merge {self.merge!r}: use probability or logits")
+            raise InputError(f"merge {self.merge!r}: use probability or logits", param="merge")
 
     @classmethod
     def seed(cls, **overrides) -> "InferenceSettings":
@@ -146,30 +153,25 @@ def window_2d(kind: str, crop: int = CROP) -> np.ndarray:
     return np.outer(w1, w1).astype(np.float32)
 
 
-@dataclasses.dataclass
-class Prediction:
-    """P(urban) in [0, 1] (float32) and the class (uint8 0/1), both (H, W)."""
-
-    probability: np.ndarray
-    label: np.ndarray
-
-
 class _Forward(torch.nn.Module):
-    """encode_decode of an mmseg EncoderDecoder on a batch of full crops (compile-friendly)."""
+    """A model's forward on a batch of full crops, as a module (what ``torch.compile`` takes)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: UrbanModel):
         super().__init__()
-        self.model = model
+        self.net = model.module
+        self._model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        metas = [dict(img_shape=(x.shape[2], x.shape[3]))] * x.shape[0]
-        return self.model.encode_decode(x, metas)
+        return self._model.forward(x)
 
 
 class InferenceEngine:
-    """Runs a GUM model over whole scenes with :class:`InferenceSettings`."""
+    """Runs a model (:class:`~gum_ray.network.UrbanModel`) over whole scenes with :class:`InferenceSettings`.
 
-    def __init__(self, model: torch.nn.Module, settings: InferenceSettings | None = None):
+    ``model`` may also be a bare GUM 1 network (an mmseg module), which is wrapped.
+    """
+
+    def __init__(self, model: UrbanModel | torch.nn.Module, settings: InferenceSettings | None = None):
         self.settings = settings or InferenceSettings()
         self.device = resolve_device(self.settings.device)
         self.autocast_dtype = resolve_precision(self.settings.precision, self.device)
@@ -179,11 +181,11 @@ class InferenceEngine:
             # flip class); under autocast the rounding is bf16/fp16's anyway and it is faster.
             channels_last = self.autocast_dtype is not None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        model = model.to(self.device).eval()
-        model = model.to(memory_format=self.memory_format)
-        self.model = model
-        self.in_channels = int(model.backbone.encoder[0][0].convs[0].conv.in_channels)
-        forward = _Forward(model)
+        self.model = as_model(model)
+        self.model.module.to(self.device).eval()
+        self.model.module.to(memory_format=self.memory_format)
+        self.in_channels = int(self.model.in_channels)
+        forward = _Forward(self.model)
         self._forward = torch.compile(forward, dynamic=False) if self.settings.compile else forward
         self._window = torch.from_numpy(window_2d(self.settings.window)).to(self.device)
         self.crops_run = 0
@@ -225,6 +227,20 @@ class InferenceEngine:
             prob[y0 : y0 + p.shape[0]] = p
             label[y0 : y0 + p.shape[0]] = lab
         return Prediction(prob, label)
+
+    def predict_imagery(self, imagery: Imagery, origin: tuple[int, int] | None = None) -> Prediction:
+        """Predict imagery on its grid: the model's preprocessing, no data where the model says so.
+
+        Returns a :class:`Prediction` on ``imagery.geobox`` whose probability is NaN (and class 0)
+        where the model does not map the pixel; the network does not run when no pixel is mapped.
+        ``origin``: see :meth:`predict`.
+        """
+        valid = self.model.validity(imagery.export)
+        if not valid.any():
+            shape = tuple(imagery.geobox.shape)
+            return Prediction(np.full(shape, np.nan, np.float32), np.zeros(shape, np.uint8), imagery.geobox)
+        pred = self.predict(self.model.preprocess(imagery.export), origin=origin)
+        return Prediction(pred.probability, pred.label, imagery.geobox).masked(valid)
 
     def _check_input(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 3:
@@ -337,18 +353,9 @@ def _reflect_pad(block: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
     return np.pad(block, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
 
 
-def probability_to_uint8(prob: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-    """P(urban) float -> uint8 percent 0-100, 255 where ``valid`` is False or prob is NaN."""
-    out = np.rint(np.nan_to_num(prob, nan=0.0) * 100.0).clip(0, 100).astype(np.uint8)
-    bad = ~np.isfinite(prob)
-    if valid is not None:
-        bad |= ~valid
-    out[bad] = 255
-    return out
-
-
-def flops_per_crop(model: torch.nn.Module) -> float:
-    """Multiply-adds x 2 of one 256 x 256 crop, counted from the conv and linear layers."""
+def flops_per_crop(model: UrbanModel | torch.nn.Module) -> float:
+    """Multiply-adds x 2 of one 256 x 256 crop, counted from the conv layers."""
+    model = as_model(model)
     total = 0.0
     hooks = []
 
@@ -357,14 +364,13 @@ def flops_per_crop(model: torch.nn.Module) -> float:
         k = math.prod(mod.kernel_size) * (mod.in_channels // mod.groups)
         total += 2.0 * out.numel() * k
 
-    for m in model.modules():
+    for m in model.module.modules():
         if isinstance(m, torch.nn.Conv2d):
             hooks.append(m.register_forward_hook(conv_hook))
     try:
-        dev = next(model.parameters()).device
+        dev = next(model.module.parameters()).device
         with torch.inference_mode():
-            c = int(model.backbone.encoder[0][0].convs[0].conv.in_channels)
-            model.encode_decode(torch.zeros(1, c, CROP, CROP, device=dev), [dict(img_shape=(CROP, CROP))])
+            model.forward(torch.zeros(1, model.in_channels, CROP, CROP, device=dev))
     finally:
         for h in hooks:
             h.remove()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import logging
 import warnings
 from functools import lru_cache
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from gum_ray.checkpoint_io import file_sha256, read_checkpoint
 from gum_ray.errors import CheckpointError, require_file
 
 log = logging.getLogger(__name__)
@@ -100,18 +100,8 @@ class LoadedModel:
     meta: dict[str, Any]
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_checkpoint_file(path: Path) -> Any:
     """The checkpoint's content, read without running code from it (:mod:`gum_ray.checkpoint_io`)."""
-    from gum_ray.checkpoint_io import read_checkpoint
-
     return read_checkpoint(path)
 
 
@@ -289,3 +279,74 @@ def random_checkpoint(
     """Write a checkpoint of the GUM network with random, non-trivial weights; returns sha256."""
     model = randomize(build_model(spec), seed, calibrate_on)
     return save_checkpoint(model, path, spec, meta={"note": f"random weights, seed {seed}"})
+
+
+class Gum1:
+    """GUM 1 (mmseg UNet + PSP head, 10 or 13 channels): an :class:`gum_ray.network.UrbanModel`.
+
+    Preprocessing is the seed notebook's (:func:`gum_ray.bands.preprocess`); a pixel without
+    Sentinel-2 is no data; ``forward`` is mmseg's ``encode_decode`` on whole crops.
+    """
+
+    family = "gum1"
+
+    def __init__(self, module: torch.nn.Module, spec: ModelSpec, *, path: str | None = None,
+                 sha256: str | None = None, meta: dict[str, Any] | None = None) -> None:
+        self._module = module
+        self.spec = spec
+        self.path = path
+        self.sha256 = sha256
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Gum1":
+        """Load and validate a GUM 1 checkpoint (:func:`load_checkpoint`)."""
+        loaded = load_checkpoint(path)
+        return cls(loaded.model, loaded.spec, path=loaded.path, sha256=loaded.sha256, meta=loaded.meta)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> "Gum1":
+        """Wrap a GUM 1 network built by :func:`build_model` (its spec read from its weights)."""
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"expected a GUM model or a GUM 1 network, got {type(module).__name__}")
+        return cls(module, infer_spec(module.state_dict(), "network"))
+
+    @property
+    def in_channels(self) -> int:
+        return self.spec.in_channels
+
+    @property
+    def required_bands(self) -> tuple[str, ...]:
+        from gum_ray.bands import export_band_names
+
+        return export_band_names(self.spec.with_products)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._module
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self._module.backbone.encoder
+
+    def preprocess(self, export: Any) -> Any:
+        from gum_ray.bands import preprocess
+
+        return preprocess(export, with_products=self.spec.with_products)
+
+    def validity(self, export: Any) -> Any:
+        from gum_ray.bands import validity_mask
+
+        return validity_mask(export)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        metas = [dict(img_shape=(x.shape[2], x.shape[3]))] * x.shape[0]
+        return self._module.encode_decode(x, metas)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"family": self.family, "checkpoint": Path(self.path).name if self.path else None,
+                "checkpoint_sha256": self.sha256, "spec": self.spec.as_dict()}
+
+    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> str:
+        """Write the weights as an mmseg checkpoint (:func:`save_checkpoint`); returns its sha256."""
+        return save_checkpoint(self._module, path, self.spec, meta)

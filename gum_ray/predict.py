@@ -22,17 +22,18 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from gum_ray import __version__, bands
+from gum_ray import bands
 from gum_ray.errors import InputError
 from gum_ray.export_io import ExportFile, list_exports, open_export
-from gum_ray.inference import CROP, InferenceEngine, crop_count, probability_to_uint8
+from gum_ray.imagery import NODATA, probability_to_uint8
+from gum_ray.inference import CROP, InferenceEngine, crop_count
 from gum_ray.input_checks import UnitsCheck
+from gum_ray.network import check_compatible
 from gum_ray.store.cog import write_cog
-from gum_ray.model import LoadedModel
+from gum_ray.version import __version__
 
 log = logging.getLogger(__name__)
 
-NODATA = 255
 STRIP_PX = 8192  # widest column strip predicted at once (memory does not follow the scene width)
 GDAL_CACHE_MB = 256
 BAND_DESCRIPTIONS = ("urban_probability_percent", "urban_class")
@@ -69,7 +70,6 @@ def plan_outputs(input_path: str | Path, output: str | Path) -> list[tuple[Path,
 
 
 def predict_file(
-    loaded: LoadedModel,
     engine: InferenceEngine,
     input_path: Path,
     output_path: Path,
@@ -80,7 +80,8 @@ def predict_file(
     rows_per_block: int = 1024,
     strip_px: int = STRIP_PX,
 ) -> PredictResult:
-    """Predict one export into a COG. ``on_start(total_crops)`` is called before compute.
+    """Predict one export into a COG with ``engine`` (and its model). ``on_start(total_crops)`` is
+    called before compute.
 
     The scene is read in column strips at most ``strip_px`` wide (plus a crop of context on each
     side) and rows as the engine needs them, so memory does not depend on the width or height a
@@ -89,14 +90,10 @@ def predict_file(
     if output_path.exists() and not overwrite:
         return PredictResult(input_path, output_path, skipped=True)
     t0 = time.perf_counter()
+    model = engine.model
     # GDAL's block cache defaults to 5 % of RAM; a wide sparse file would fill it with empty blocks
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), open_export(input_path) as src:
-        channels = bands.model_channels(loaded.spec.with_products)
-        if loaded.spec.with_products and not src.with_products:
-            raise InputError(
-                f"{input_path}: has 11 bands but checkpoint {loaded.path} is the 13-channel "
-                "'with products' model; give a 14-band export or the 10-channel checkpoint"
-            )
+        check_compatible(model, src.with_products, what=str(input_path))
         stride = engine.settings.stride
         strips = strip_windows(src.width, strip_px)
         if on_start is not None:
@@ -121,8 +118,8 @@ def predict_file(
                     def read_rows(y0: int, y1: int, _r0=r0, _r1=r1, _valid=valid_rows) -> np.ndarray:
                         raw = src.read_window(y0, y1, _r0, _r1)
                         units.observe(raw)
-                        _valid[y0] = bands.validity_mask(raw)
-                        return bands.preprocess(raw, with_products=loaded.spec.with_products)
+                        _valid[y0] = model.validity(raw)
+                        return model.preprocess(raw)
 
                     # interior strips put crops on the scene's stride lattice: with a halo of one
                     # crop, every kept pixel sees exactly the crops of a whole-width run
@@ -132,7 +129,7 @@ def predict_file(
                         keep_crop=lambda y, x, _valid=valid_rows: _any_valid(_valid, y, x),
                     )
                     for y0, prob, label in rows:
-                        valid = _valid_for(valid_rows, y0, prob.shape[0], src, (r0, r1))
+                        valid = _valid_for(valid_rows, y0, prob.shape[0], src, model, (r0, r1))
                         p8 = probability_to_uint8(prob, valid)[:, k0 - r0 : k1 - r0]
                         lab = label[:, k0 - r0 : k1 - r0].copy()
                         lab[p8 == NODATA] = NODATA
@@ -141,13 +138,14 @@ def predict_file(
                         dst.write(lab, 2, window=win)
                         wrote_any = wrote_any or bool((p8 != NODATA).any())
                 dst.descriptions = BAND_DESCRIPTIONS
+                prov = model.provenance()
                 dst.update_tags(
                     gum_ray_version=__version__,
-                    checkpoint_sha256=loaded.sha256,
-                    checkpoint=os.path.basename(loaded.path),
+                    checkpoint_sha256=prov["checkpoint_sha256"],
+                    checkpoint=prov["checkpoint"],
                     settings=json.dumps(engine.settings.as_dict(), sort_keys=True),
                     source=os.path.basename(str(input_path)),
-                    model_channels=str(channels),
+                    model_channels=str(model.in_channels),
                 )
                 dst.update_tags(1, units="percent", meaning="P(urban) x 100, 255 = no data")
                 dst.update_tags(2, meaning="1 = urban, 0 = not urban, 255 = no data")
@@ -164,7 +162,7 @@ def predict_file(
 
 
 
-def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFile,
+def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFile, model,
                cols: tuple[int, int] | None = None) -> np.ndarray:
     """Validity (has Sentinel-2) of rows [y0, y0 + n) of the column strip ``cols`` (default the
     whole width), from blocks already read, else re-read."""
@@ -178,7 +176,7 @@ def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFi
             out[a - y0 : b - y0] = block[a - top : b - top]
             filled[a - y0 : b - y0] = True
     if not filled.all():
-        out = bands.validity_mask(src.read_window(y0, y0 + n, c0, c1))
+        out = model.validity(src.read_window(y0, y0 + n, c0, c1))
     for top in [t for t in valid_rows if t + valid_rows[t].shape[0] <= y0 + n]:
         del valid_rows[top]
     return out

@@ -40,7 +40,7 @@ def patches(tmp_path_factory, start) -> str:
     assert report.written == 10
     ds = PatchDataset(out)
     for key in ds.complete_keys():
-        ds.set_label(key, ground_truth(ds.read(key).geobox, YEAR).astype(np.uint8))
+        ds.set_label(key, ground_truth(ds.read(key).imagery.geobox, YEAR).astype(np.uint8))
     return str(out)
 
 
@@ -68,7 +68,7 @@ def test_finetuning_improves_validation_iou_and_the_result_loads_in_gum_predict(
         rec = ds.read(key)
         from gum_ray.bands import preprocess
 
-        x = torch.from_numpy(preprocess(rec.export))[None]
+        x = torch.from_numpy(preprocess(rec.imagery.export))[None]
         with torch.no_grad():
             pred = loaded.model.encode_decode(x, [dict(img_shape=(256, 256))]).argmax(1)[0]
         total = total + Metrics.of(pred, rec.label)
@@ -125,7 +125,7 @@ def test_user_labels_asked_for_but_absent(tmp_path, start):
 def test_init_checkpoint_with_the_wrong_channels_is_a_clear_error(tmp_path, patches, capsys):
     ck13 = tmp_path / "c13.pth"
     random_checkpoint(ck13, ModelSpec(13, 16, 8))
-    with pytest.raises(CheckpointError, match="13-channel.*no product bands"):
+    with pytest.raises(CheckpointError, match="13-channel.*needs the bands worldcover_built"):  # the one rule
         finetune(ck13, patches, tmp_path / "x.pth")
     # a checkpoint whose first layer takes 11 channels (e.g. the export's bands, not the model's)
     sd = build_model(SMALL).state_dict()

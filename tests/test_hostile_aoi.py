@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gum_ray.aoi import count_cells
+from gum_ray.grid import count_cells
 from gum_ray.cli import main
 from gum_ray.errors import InputError
 from gum_ray.grid import AOI, DEFAULT_GRID, cells_for_aoi

@@ -156,7 +156,7 @@ def test_convert_with_trust_is_explicit_and_the_result_loads_everywhere(tmp_path
 
 def test_convert_of_a_safe_checkpoint_needs_no_trust(tmp_path, tiny_model):
     save_checkpoint(tiny_model, tmp_path / "ok.pth", TINY)
-    from gum_ray.checkpoint_io import convert_checkpoint
+    from gum_ray.checkpoint_convert import convert_checkpoint
 
     sha, loaded = convert_checkpoint(tmp_path / "ok.pth", tmp_path / "ok.safetensors")
     assert sha == file_sha256(tmp_path / "ok.safetensors")

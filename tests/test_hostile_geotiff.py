@@ -62,7 +62,7 @@ def test_sparse_blocks_without_nodata_are_no_data(tmp_path, ckpt):
     src = sparse_wide_export(tmp_path / "wide0.tif", width=20_000, valid_at=(10_240, 0), nodata=False)
     loaded = load_checkpoint(ckpt)
     engine = InferenceEngine(loaded.model)
-    predict_file(loaded, engine, src, tmp_path / "o.tif")
+    predict_file(engine, src, tmp_path / "o.tif")
     assert 0 < engine.crops_run <= 9
     with rasterio.open(tmp_path / "o.tif") as o:
         assert (o.read(1, window=Window(0, 0, 10_000, 256)) == 255).all()
@@ -74,7 +74,7 @@ def test_all_nan_scene_runs_no_crops_and_says_so(tmp_path, ckpt):
     src = write_export(tmp_path / "ocean.tif", data)
     loaded = load_checkpoint(ckpt)
     engine = InferenceEngine(loaded.model)
-    predict_file(loaded, engine, src, tmp_path / "lib.tif")
+    predict_file(engine, src, tmp_path / "lib.tif")
     assert engine.crops_run == 0
     out = tmp_path / "ocean_gum.tif"
     r = gum_cli("predict", src, out, "--checkpoint", ckpt, "--quiet")
@@ -113,9 +113,9 @@ def test_column_strips_give_the_whole_width_result(tmp_path, ckpt):
     src = write_export(tmp_path / "s.tif", x)
     loaded = load_checkpoint(ckpt)
     whole, strips = InferenceEngine(loaded.model), InferenceEngine(loaded.model)
-    predict_file(loaded, whole, src, tmp_path / "whole.tif", strip_px=2048)
+    predict_file(whole, src, tmp_path / "whole.tif", strip_px=2048)
     assert len(strip_windows(1400, 512)) == 3
-    predict_file(loaded, strips, src, tmp_path / "strips.tif", strip_px=512)
+    predict_file(strips, src, tmp_path / "strips.tif", strip_px=512)
     with rasterio.open(tmp_path / "whole.tif") as a, rasterio.open(tmp_path / "strips.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
         assert (a.read(1)[:, 300:700] == 255).all() and (a.read(1)[:, :300] <= 100).all()
@@ -147,7 +147,7 @@ def test_rows_without_data_above_valid_rows_are_no_data_in_both_bands(tmp_path, 
     x[:4, :250] = np.nan  # the first rows have no Sentinel-2: both output bands must say 255 there
     src = write_export(tmp_path / "top.tif", x)
     loaded = load_checkpoint(ckpt)
-    predict_file(loaded, InferenceEngine(loaded.model), src, tmp_path / "o.tif")
+    predict_file(InferenceEngine(loaded.model), src, tmp_path / "o.tif")
     with rasterio.open(tmp_path / "o.tif") as o:
         prob, cls = o.read()
     assert (prob[:250] == 255).all() and (cls[:250] == 255).all()

@@ -138,10 +138,10 @@ def test_patches_are_georeferenced_labelled_stored_and_a_rerun_skips_what_is_don
     assert sorted(ds.complete_keys()) == ["near", "town"]
     rec = ds.read("town")
     gb = point_geobox(*TOWN)
-    assert rec.geobox == gb
-    assert rec.export.shape == (11, 256, 256)
+    assert rec.imagery.geobox == gb
+    assert rec.imagery.export.shape == (11, 256, 256)
     # compact encodings at the synthetic world's own precision (aspect within float32 rounding)
-    np.testing.assert_allclose(rec.export, world_export(gb, YEAR), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(rec.imagery.export, world_export(gb, YEAR), rtol=0, atol=1e-4)
     assert rec.probability.dtype == np.uint8 and rec.probability.max() <= 100
     assert rec.cls.dtype == np.uint8 and set(np.unique(rec.cls)) <= {0, 1}
     assert (rec.cls[rec.probability >= 51] == 1).all() and (rec.cls[rec.probability <= 49] == 0).all()
@@ -157,7 +157,7 @@ def test_patches_are_georeferenced_labelled_stored_and_a_rerun_skips_what_is_don
         assert tuple(src.transform)[:6] == tuple(gb.affine)[:6]
         assert src.descriptions[0] == "B4" and src.descriptions[-2:] == ("urban_probability_percent", "urban_class")
         data = src.read()
-    np.testing.assert_allclose(data[:11], rec.export, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(data[:11], rec.imagery.export, rtol=0, atol=1e-4)
     np.testing.assert_array_equal(data[11], rec.probability.astype(np.float32))
     np.testing.assert_array_equal(data[12], rec.cls.astype(np.float32))
 
@@ -231,12 +231,12 @@ def test_a_13_channel_checkpoint_needs_the_products(tmp_path):
     ck13 = tmp_path / "c13.pth"
     random_checkpoint(ck13, ModelSpec(13, 16, 8))
     pts = tuple(parse_points(points_geojson([("a", *TOWN)])))
-    with pytest.raises(CheckpointError, match="--products"):
+    with pytest.raises(CheckpointError, match="with_products"):
         run_patches(PatchJob(pts, YEAR, str(tmp_path / "p"), checkpoint=str(ck13)), executor="inline")
     report = run_patches(PatchJob(pts, YEAR, str(tmp_path / "p13"), checkpoint=str(ck13),
                                   source_options=(("with_products", True),), geotiff=False), executor="inline")
     assert report.written == 1
-    assert PatchDataset(tmp_path / "p13").read("a").export.shape == (14, 256, 256)
+    assert PatchDataset(tmp_path / "p13").read("a").imagery.export.shape == (14, 256, 256)
 
 
 def test_imagery_only_patches_for_the_users_own_labels(tmp_path):
@@ -277,7 +277,7 @@ def test_a_patches_dataset_on_a_local_folder_and_on_gcs(store_root, ckpt):
     assert [o.status for o in run_patches(job, executor="inline").outcomes] == ["done_before"]
     ds = PatchDataset(store_root)
     rec = ds.read("a")
-    assert rec.geobox == point_geobox(*TOWN) and rec.cls.shape == (256, 256)
+    assert rec.imagery.geobox == point_geobox(*TOWN) and rec.cls.shape == (256, 256)
     from gum_ray.store import fs
 
     assert fs.exists(ds.geotiff_path("a"))

@@ -12,6 +12,7 @@ from odc.geo.geobox import GeoBox
 
 from gum_ray.errors import GumError, InputError
 from gum_ray.sources import earthengine as E
+from gum_ray.sources.earthengine import client as EC
 from gum_ray.sources import get_source
 from gum_ray.sources.ee_emulator import Faults, find_markers, start_emulator
 from gum_ray.sources.synthetic import SyntheticSource
@@ -26,7 +27,7 @@ def emulator():
     emu = start_emulator(max_seconds=600)
     yield emu
     emu.stop()
-    E._INIT_KEY = None
+    EC._INIT_KEY = None
 
 
 @pytest.fixture
@@ -198,7 +199,7 @@ def test_missing_credentials_say_what_to_set(emu, monkeypatch, tmp_path):
     monkeypatch.setenv("NO_GCE_CHECK", "True")
     monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")
     monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
-    monkeypatch.setattr(E, "_INIT_KEY", None)
+    monkeypatch.setattr(EC, "_INIT_KEY", None)
     src = E.EarthEngineSource(project="gum-emulator", url=emu.url)
     with pytest.raises(GumError, match="GOOGLE_APPLICATION_CREDENTIALS.*earthengine authenticate"):
         src.fetch(PLACES["utm32N-zurich"][:10, :10], 2021)
@@ -227,7 +228,7 @@ def test_service_account_key_file_works_offline_and_is_never_logged(emu, monkeyp
     path = tmp_path / "key.json"
     path.write_text(json.dumps(info))
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
-    monkeypatch.setattr(E, "_INIT_KEY", None)
+    monkeypatch.setattr(EC, "_INIT_KEY", None)
     caplog.set_level(logging.DEBUG)
     src = E.EarthEngineSource(url=emu.url, **FAST)  # project from the key file
     got = src.fetch(PLACES["utm33N-65N"][:40, :40], 2020)
@@ -316,7 +317,11 @@ def test_cluster_wide_cap_through_a_ray_actor(emu, creds):
         # two sources (as two workers would have), one cluster-wide cap of 3
         a = ee_source(emu, creds, tile_side=16, max_in_flight=3, threads=6, limiter_scope="cluster")
         b = ee_source(emu, creds, tile_side=16, max_in_flight=3, threads=6, limiter_scope="cluster")
-        assert isinstance(a.limiter, E.RayLimiter)
+        from gum_ray.mapping.limits import RayLimiter, limiter_for
+
+        for s in (a, b):  # what a job does: one limiter for the source's request limit, shared
+            s.use_limiter(limiter_for(s.request_limit()))
+        assert isinstance(a.limiter, RayLimiter)
         import threading
 
         out = {}

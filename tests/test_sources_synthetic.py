@@ -43,7 +43,7 @@ def test_source_returns_gum_layout_and_is_deterministic():
 
 def test_values_are_exact_at_the_compact_encoding():
     """Every modality survives the wire encoding (encode, decode) bit for bit."""
-    sample = S.render(UTM_ZURICH, 2022, with_products=True)
+    sample, _ = S.render(UTM_ZURICH, 2022, with_products=True)
     for modality, codes in ENCODINGS["compact"].items():
         values = sample.export[MODALITY_SLICES[modality]]
         back = decode_numpy(encode_numpy(values, codes), codes)
@@ -66,12 +66,12 @@ def test_values_are_exact_at_the_compact_encoding():
     ids=["utm32", "latlon-antimeridian-66N", "utm60S"],
 )
 def test_a_tile_gets_the_whole_grids_pixels(geobox):
-    full = S.render(geobox, 2023, with_products=True)
+    full, full_classes = S.render(geobox, 2023, with_products=True)
     h, w = geobox.shape
     for r0, r1, c0, c1 in [(0, h // 2, 0, w // 3), (h // 3, h, w // 4, w), (17, h - 5, 3, w - 29)]:
-        part = S.render(geobox[r0:r1, c0:c1], 2023, with_products=True)
+        part, part_classes = S.render(geobox[r0:r1, c0:c1], 2023, with_products=True)
         assert _eq(part.export, full.export[:, r0:r1, c0:c1])
-        assert _eq(part.classes, full.classes[r0:r1, c0:c1])
+        assert _eq(part_classes, full_classes[r0:r1, c0:c1])
 
 
 def test_same_place_looks_the_same_in_utm_and_latlon():
@@ -91,8 +91,8 @@ def test_same_place_looks_the_same_in_utm_and_latlon():
     assert agree > 0.99, agree  # only pixels on class edges differ (sampled 5-10 m apart)
     assert (cls_ll == S.CLASS_TOWN).any() and (cls_ll == S.CLASS_ROAD).any()
     # terrain: smooth, within a few metres wherever both grids sample
-    el_utm = S.render(utm, 2021, modalities_wanted=["terrain"]).export[8]
-    el_ll = S.render(ll, 2021, modalities_wanted=["terrain"]).export[8]
+    el_utm = S.render(utm, 2021, modalities_wanted=["terrain"])[0].export[8]
+    el_ll = S.render(ll, 2021, modalities_wanted=["terrain"])[0].export[8]
     w_el = np.full(ll.shape, np.nan, np.float32)
     rasterio.warp.reproject(
         el_utm, w_el, src_transform=utm.affine, src_crs=RioCRS.from_epsg(32632),
@@ -121,10 +121,10 @@ def test_town_shapes_are_the_same_on_the_ground_at_high_latitude():
 
 
 def test_classes_are_clearly_separable():
-    sample = S.render(UTM_ZURICH, 2021)
-    x, cls = sample.export, sample.classes
+    sample, cls = S.render(UTM_ZURICH, 2021)
+    x = sample.export
     ndvi = (x[3] - x[0]) / (x[3] + x[0])
-    urban = sample.urban
+    urban = S.urban(cls)
     veg = cls == S.CLASS_VEGETATION
     water = (cls == S.CLASS_LAKE) | (cls == S.CLASS_OCEAN)
     assert urban.any() and veg.any()
@@ -154,7 +154,7 @@ def test_towns_grow_from_year_to_year():
     for a, b in zip(gts, gts[1:]):
         assert not (a & ~b).any()  # urban stays urban
         assert b.sum() > a.sum()  # and the towns grow
-    assert S.render(UTM_ZURICH, 2026).urban.sum() == gts[-1].sum()
+    assert S.urban(S.render(UTM_ZURICH, 2026)[1]).sum() == gts[-1].sum()
 
 
 def test_products_layout():
@@ -186,7 +186,7 @@ def test_bad_input_is_a_clear_error():
 def test_a_3000_px_grid_renders_whole_and_matches_its_parts():
     # (its speed is a benchmark's business, not a test's: tools/bench_pipeline.py)
     gb = GeoBox.from_bbox((460000, 5250000, 490000, 5280000), "EPSG:32632", resolution=10)
-    sample = S.render(gb, 2021)
+    sample, _ = S.render(gb, 2021)
     assert sample.export.shape == (11, 3000, 3000)
-    part = S.render(gb[1000:1256, 2000:2256], 2021)
+    part, _ = S.render(gb[1000:1256, 2000:2256], 2021)
     np.testing.assert_array_equal(part.export, sample.export[:, 1000:1256, 2000:2256])

@@ -8,6 +8,7 @@ import pytest
 from gum_ray.bands import decode_compact, encode_compact
 from gum_ray.errors import InputError
 from gum_ray.grid import ProductGrid
+from gum_ray.imagery import Imagery
 from gum_ray.store import fs
 from gum_ray.store.cache import ImageryCache
 
@@ -37,19 +38,22 @@ def test_put_get_round_trip(store_root, bands):
     export = fake_export((gbox.shape.y, gbox.shape.x), bands)
     assert not cache.has(2020, cell)
     prov = {"source": "synthetic", "dates": ["2020-01-01", "2021-01-01"], "requests": 4}
-    cache.put(2020, cell, export, gbox, prov)
+    cache.put(2020, cell, Imagery.from_export(export, gbox, prov))
     assert cache.has(2020, cell) and not cache.has(2021, cell)
     assert cache.cells(2020) == [cell.id]
     got = cache.get(2020, cell)
     assert got.geobox == gbox
     assert got.provenance == prov
     assert got.with_products == (bands == 14)
-    assert got.attrs["band_names"][0] == "B4" and len(got.attrs["band_names"]) == bands
-    # the compact parts are stored exactly, in their compact dtypes
+    attrs = cache.attrs(2020, cell)
+    assert attrs["band_names"][0] == "B4" and len(attrs["band_names"]) == bands
+    assert tuple(attrs["band_names"]) == got.band_names
+    # the compact parts are stored exactly, in their compact dtypes, and come back the same
     want = encode_compact(export)
-    assert set(got.parts) == set(want)
+    parts = got.to_compact()
+    assert set(parts) == set(want)
     for k, v in want.items():
-        assert got.parts[k].dtype == v.dtype and np.array_equal(got.parts[k], v), k
+        assert parts[k].dtype == v.dtype and np.array_equal(parts[k], v), k
     np.testing.assert_array_equal(got.export, decode_compact(want))
     assert np.isnan(got.export[0, 0, 0]) and np.isnan(got.export[7, -1, 0])
     np.testing.assert_allclose(got.export[0, 10, 10], export[0, 10, 10], atol=1e-4)
@@ -57,8 +61,8 @@ def test_put_get_round_trip(store_root, bands):
     n_objects = len(fs.find(cache.path(2020, cell)))
     assert n_objects <= 2 * len(want) + 1
     # overwriting and deleting
-    cache.put(2020, cell, fake_export((gbox.shape.y, gbox.shape.x), bands, seed=1), gbox, prov)
-    assert not np.array_equal(cache.get(2020, cell).parts["s2"], want["s2"])
+    cache.put(2020, cell, Imagery.from_export(fake_export((gbox.shape.y, gbox.shape.x), bands, seed=1), gbox, prov))
+    assert not np.array_equal(cache.get(2020, cell).to_compact()["s2"], want["s2"])
     cache.delete(2020, cell)
     assert not cache.has(2020, cell)
     with pytest.raises(InputError, match="not in the cache"):
@@ -74,7 +78,7 @@ def test_incomplete_entry_is_not_used(store_root):
     g.create_array("s2", shape=(4, 8, 8), dtype="uint16")
     assert not cache.has(2020, cell)
     gbox = cell.utm_geobox()
-    cache.put(2020, cell, fake_export((gbox.shape.y, gbox.shape.x)), gbox)
+    cache.put(2020, cell, Imagery.from_export(fake_export((gbox.shape.y, gbox.shape.x)), gbox))
     assert cache.has(2020, cell)
 
 
@@ -82,10 +86,12 @@ def test_bad_inputs(store_root, tmp_path):
     cache = ImageryCache(store_root)
     cell = GRID.cell_at(13.41, 52.51)
     gbox = cell.utm_geobox()
-    with pytest.raises(InputError, match="does not match its GeoBox"):
-        cache.put(2020, cell, fake_export((10, 10)), gbox)
-    with pytest.raises(InputError, match="11 or 14"):
-        cache.put(2020, cell, np.zeros((5, gbox.shape.y, gbox.shape.x), np.float32), gbox)
+    with pytest.raises(ValueError, match="expected .* for this grid"):
+        Imagery.from_export(fake_export((10, 10)), gbox)  # imagery and its grid disagree
+    with pytest.raises(ValueError, match="expected"):
+        Imagery.from_export(np.zeros((5, gbox.shape.y, gbox.shape.x), np.float32), gbox)
+    with pytest.raises(InputError, match="expected an Imagery"):
+        cache.put(2020, cell, fake_export((gbox.shape.y, gbox.shape.x)))
     other = tmp_path / "not-a-cache"
     other.mkdir()
     (other / "x.txt").write_text("x")

@@ -67,7 +67,9 @@ def staged(bbox, data, ckpt, emu_url, fetch_conc: int, write_conc: int) -> dict[
     cells = cells_for_aoi(job.aoi, job.grid)
     connect_ray(None, job)
     source = job.make_source()
-    limiter = source.limiter  # owned here, as run_map does
+    from gum_ray.mapping.limits import limiter_for
+
+    limiter = limiter_for(source.request_limit())  # owned here, as run_map does
     ProductStore.open_or_create(job.product, settings=ProductSettings(grid=job.grid), years=job.years)
     fetch, write, Actor = _remote_stages(job, 0)
     sha = load_checkpoint(ckpt).sha256

@@ -26,7 +26,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gum_ray.checkpoint_io import convert_checkpoint
+    from gum_ray.checkpoint_convert import convert_checkpoint
 
     sha, loaded = convert_checkpoint(args.source, args.output, trust=args.trust, overwrite=args.overwrite)
     spec = loaded.spec

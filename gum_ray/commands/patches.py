@@ -51,6 +51,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from gum_ray.commands.map import source_options
     from gum_ray.commands.predict import settings_from_args
+    from gum_ray.mapping.limits import limiter_for
     from gum_ray.patches import PatchJob, read_points, run_patches
 
     points = read_points(args.points)
@@ -77,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{count}/{n}] {o.id}: {what}", file=sys.stderr)
 
     if args.ray is not None:
-        report = run_patches(job, executor="ray", ray_address=args.ray or None, progress=progress)
+        report = run_patches(job, executor="ray", ray_address=args.ray or None, progress=progress,
+                             limiter_for=limiter_for)
     else:
-        report = run_patches(job, executor="local", workers=args.workers, progress=progress)
+        report = run_patches(job, executor="local", workers=args.workers, progress=progress,
+                             limiter_for=limiter_for)
     parts = [f"{report.written} written", f"{report.done_before} done before"]
     if report.no_imagery:
         parts.append(f"{len(report.no_imagery)} without imagery (skipped: "

@@ -67,24 +67,26 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from gum_ray.commands import flagify
+    from gum_ray.errors import CheckpointError
     from gum_ray.inference import InferenceEngine
-    from gum_ray.model import load_checkpoint
+    from gum_ray.network import load_model, needs_products
     from gum_ray.predict import plan_outputs, predict_file
 
     pairs = plan_outputs(args.input, args.output)
     settings = settings_from_args(args)
-    loaded = load_checkpoint(args.checkpoint)
-    if args.products == "yes" and not loaded.spec.with_products:
+    model = load_model(args.checkpoint)
+    if args.products == "yes" and not needs_products(model):
         raise InputError(
             f"--products yes: checkpoint {args.checkpoint} is a 10-channel model; give the "
             "13-channel 'with products' checkpoint"
         )
-    if args.products == "no" and loaded.spec.with_products:
+    if args.products == "no" and needs_products(model):
         raise InputError(
             f"--products no: checkpoint {args.checkpoint} is the 13-channel 'with products' model "
             "and needs the product bands; give the 10-channel checkpoint"
         )
-    engine = InferenceEngine(loaded.model, settings)
+    engine = InferenceEngine(model, settings)
     show = not args.quiet and sys.stderr.isatty()
     done = skipped = 0
     failed: list[str] = []
@@ -99,16 +101,16 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             result = predict_file(
-                loaded, engine, inp, out, overwrite=args.overwrite,
+                engine, inp, out, overwrite=args.overwrite,
                 progress=lambda n: crops_bar.update(n) if crops_bar else None,
                 on_start=on_start,
             )
-        except InputError as exc:
+        except (InputError, CheckpointError) as exc:
             if len(pairs) == 1:
                 raise
             # one bad file in a folder: report it, keep going, fail at the end
             failed.append(str(inp))
-            print(f"gum: error: {exc}", file=sys.stderr)
+            print(f"gum: error: {flagify(exc)}", file=sys.stderr)
             files_bar.update(1)
             continue
         finally:

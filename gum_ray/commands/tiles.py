@@ -38,15 +38,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from gum_ray.store.tiles import parse_zoom_range, write_tiles
+    from gum_ray.viewer import write_viewer
 
     zooms = parse_zoom_range(args.zoom)
     aoi = aoi_from_args(args) if (args.bbox or args.aoi) else None
     echo = (lambda m: None) if args.quiet else print
     results = write_tiles(
         args.product, args.output, years=args.year, zooms=zooms, aoi=aoi, workers=args.workers,
-        backend=args.backend, ray_address=args.ray_address, pmtiles=args.pmtiles, cdn=args.cdn,
-        basemap=args.basemap, progress=not args.quiet, echo=echo,
+        backend=args.backend, ray_address=args.ray_address, pmtiles=args.pmtiles,
+        progress=not args.quiet, echo=echo,
     )
+    write_viewer(args.output, cdn=args.cdn, basemap=args.basemap)
     for r in results:
         rate = f", {r.tiles_per_s:,.0f} tiles/s" if r.written else ""
         pm = f"; {r.pmtiles}" if r.pmtiles else ""

@@ -59,15 +59,15 @@ class Plan:
 
 
 def estimate(job: MapJob, *, device: str = "gpu", sample: int = 64) -> Plan:
-    from gum_ray.sources.base import modalities
+    from gum_ray.imagery import modalities
     from gum_ray.sources.earthengine import band_codes, plan_tiles, request_bytes_per_pixel
 
-    cells = plan_cells(job)
+    source = job.make_source()
+    cells = plan_cells(job, source)
     n = len(cells)
     step = max(1, n // sample)
     picked = cells[::step]
-    with_products = dict(job.source_options).get("with_products", False) in (True, "true", "1", "yes")
-    mods = modalities(bool(with_products))
+    mods = modalities(source.with_products)
     utm = crops = reqs = nbytes = 0
     for c in picked:
         g = c.utm_geobox(job.halo_px)

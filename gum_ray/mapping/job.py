@@ -42,18 +42,19 @@ class MapJob:
 
     def __post_init__(self) -> None:
         if not self.years:
-            raise InputError("no year given: pass --year (one or more), e.g. --year 2020")
+            raise InputError("no year given: years needs one or more, e.g. 2020", param="years")
         if self.max_attempts < 1:
-            raise InputError(f"--max-attempts {self.max_attempts}: must be at least 1")
+            raise InputError(f"max_attempts {self.max_attempts}: must be at least 1", param="max_attempts")
         if self.halo_px < 0:
-            raise InputError(f"--halo {self.halo_px}: must be >= 0 px")
+            raise InputError(f"halo_px {self.halo_px}: must be >= 0 px", param="halo_px")
         if self.max_aoi_cells is not None and self.max_aoi_cells < 0:
-            raise InputError(f"--max-aoi-cells {self.max_aoi_cells}: must be >= 0 (0 = no cap)")
+            raise InputError(f"max_aoi_cells {self.max_aoi_cells}: must be >= 0 (0 = no cap)",
+                             param="max_aoi_cells")
         if self.max_cells is not None and self.max_cells < 1:
-            raise InputError(f"--max-cells {self.max_cells}: must be at least 1")
+            raise InputError(f"max_cells {self.max_cells}: must be at least 1", param="max_cells")
         for name in ("fetch_concurrency", "write_concurrency"):
             if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+                raise InputError(f"{name} must be at least 1", param=name)
 
     def source_kwargs(self) -> dict[str, Any]:
         return dict(self.source_options)
@@ -66,18 +67,11 @@ class MapJob:
     def cell(self, row: int, col: int) -> Cell:
         return Cell(row, col, self.grid)
 
-    def resolved_checkpoint(self) -> str:
-        """The checkpoint to use: the given one, or the demo model for the synthetic world."""
-        if self.checkpoint:
-            return self.checkpoint
-        if self.source == "synthetic":
-            from gum_ray.demo_model import ensure_demo_model
+    def resolved_checkpoint(self, source: Any = None) -> str:
+        """The checkpoint to use: the given one, or the source's default (the synthetic world's demo model)."""
+        from gum_ray.demo_model import resolve_checkpoint
 
-            return str(ensure_demo_model())
-        raise InputError(
-            f"--checkpoint is required with the {self.source!r} source (the GUM checkpoint, "
-            "stage2.pth); only the synthetic world has a built-in demo model"
-        )
+        return resolve_checkpoint(self.checkpoint, source or self.make_source())
 
     def settings_record(self) -> dict[str, Any]:
         """What decides the output bytes: recorded in every commit marker."""

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from gum_ray.errors import GumError, InputError
-from gum_ray.grid import Cell, cells_for_aoi, pixel_area_rows
+from gum_ray.grid import Cell, cells_for_aoi, check_cell_cap, pixel_area_rows
 from gum_ray.mapping.job import MapJob
 from gum_ray.mapping.lease import RunLease
 from gum_ray.mapping.stages import CellPredictor, fetch_cell, write_cell
@@ -43,24 +43,11 @@ def cell_km2(cell: Cell) -> float:
     return float(pixel_area_rows(ys.start, ys.stop).astype("float64").sum() * cell.grid.cell_px / 1e6)
 
 
-def plan_cells(job: MapJob) -> list[Cell]:
-    """The product cells that touch the AOI and can hold data (the synthetic ocean is skipped)."""
-    from gum_ray.aoi import check_cell_cap
-
+def plan_cells(job: MapJob, source: Any = None) -> list[Cell]:
+    """The product cells that touch the AOI and that the source says can hold data."""
     check_cell_cap(job.aoi, job.grid, job.max_aoi_cells)  # before anything is listed or fetched
-    cells = cells_for_aoi(job.aoi, job.grid)
-    if job.source == "synthetic":
-        import numpy as np
-
-        from gum_ray.sources.synthetic import is_land
-
-        keep = []
-        for c in cells:
-            w, s, e, n = c.bounds
-            lon, lat = np.meshgrid(np.linspace(w, e, 9), np.linspace(s, n, 9))
-            if np.asarray(is_land(lon, lat)).any():
-                keep.append(c)
-        cells = keep
+    source = source or job.make_source()
+    cells = [c for c in cells_for_aoi(job.aoi, job.grid) if source.may_hold_data(c.bounds)]
     if not cells:
         raise InputError(
             f"nothing to map: the AOI {tuple(round(v, 5) for v in job.aoi.bounds)} has no land for "
@@ -214,21 +201,16 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
     """Run ``job`` to completion (resuming); returns the summary. See the module docstring."""
     import ray
 
-    from gum_ray.model import load_checkpoint
+    from gum_ray.network import check_compatible, load_model
 
     t0 = time.time()
     source = job.make_source()  # validates the source options before anything is written
-    checkpoint = job.resolved_checkpoint()
-    loaded = load_checkpoint(checkpoint)
-    if loaded.spec.with_products != bool(getattr(source, "with_products", False)):
-        raise InputError(
-            f"checkpoint {checkpoint} is a {loaded.spec.in_channels}-channel model but the "
-            f"{job.source} source gives {'14' if getattr(source, 'with_products', False) else '11'} "
-            "bands; use --products with the 13-channel checkpoint, or the 10-channel one without"
-        )
-    sha = loaded.sha256
-    del loaded
-    cells = plan_cells(job)
+    checkpoint = job.resolved_checkpoint(source)
+    model = load_model(checkpoint)
+    check_compatible(model, source.with_products, what=f"the {job.source} source")
+    sha = model.provenance()["checkpoint_sha256"]
+    del model
+    cells = plan_cells(job, source)
     _check_existing_product(job)
     connected_here = connect_ray(ray_address, job)
     try:
@@ -244,7 +226,10 @@ def _run_connected(job, source, cells, checkpoint, sha, t0, live, log_every_s) -
 
     # A cluster-wide resource of the source (Earth Engine's in-flight cap, a named Ray actor) is
     # created here, so the driver owns it for the whole run; the workers find it by name.
-    cluster_limiter = getattr(source, "limiter", None)
+    from gum_ray.mapping.limits import limiter_for
+
+    limit = source.request_limit()
+    cluster_limiter = None if limit is None else limiter_for(limit)
     product = ProductStore.open_or_create(job.product, settings=ProductSettings(grid=job.grid), years=job.years)
     manifest = Manifest(job.product, job.grid)
     lease = RunLease(job.product, job.lease_ttl_s)
@@ -274,7 +259,7 @@ def _run_connected(job, source, cells, checkpoint, sha, t0, live, log_every_s) -
             product.build_overviews(written, years=list(job.years))
     finally:
         lease.release()
-    del cluster_limiter
+    del cluster_limiter  # held by the driver until here
     summary.wall_s = time.time() - t0
     summary.driver_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return summary
@@ -302,8 +287,9 @@ def _check_existing_product(job: MapJob) -> None:
         if grid != job.grid:
             raise InputError(
                 f"{job.product}: the product was created with {grid.cell_deg} degree cells and "
-                f"{grid.chunk_px} px chunks, not {job.grid.cell_deg} / {job.grid.chunk_px}; pass "
-                f"--cell-deg {grid.cell_deg} --chunk-px {grid.chunk_px}, or give a new product path"
+                f"{grid.chunk_px} px chunks, not {job.grid.cell_deg} / {job.grid.chunk_px}; give "
+                f"cell_deg {grid.cell_deg} and chunk_px {grid.chunk_px}, or a new product path",
+                param=("cell_deg", "chunk_px"),
             )
 
 

@@ -13,21 +13,18 @@ the Earth Engine source is used).
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Any
 
 from gum_ray.errors import InputError
+from gum_ray.imagery import MODALITY_BANDS, MODALITY_SLICES, Imagery, masks_from_export, modalities
 from gum_ray.sources.base import (
     MIN_YEAR,
-    MODALITY_BANDS,
-    MODALITY_SLICES,
-    Imagery,
     ImagerySource,
+    SourceOptions,
     check_geobox,
     check_year,
-    masks_from_export,
     max_year,
-    modalities,
+    parse_options,
 )
 
 #: source name -> (module, class); aliases map to the same class
@@ -54,47 +51,16 @@ def source_class(name: str) -> type[ImagerySource]:
 def get_source(name: str, **opts: Any) -> ImagerySource:
     """An imagery source by name (``synthetic``, ``ee``/``earthengine``, ``geotiff``).
 
-    ``opts`` go to the source's constructor, e.g. ``get_source("ee", project="my-project")`` or
-    ``get_source("geotiff", path="exports/")``. Option values given as strings (``KEY=VALUE`` on the
-    command line) are converted to the option's type (``max_in_flight="8"``, ``with_products="yes"``).
-    Unknown options or values are an :class:`InputError`.
+    ``opts`` are the source's options (its :class:`SourceOptions` dataclass), e.g.
+    ``get_source("ee", project="my-project")`` or ``get_source("geotiff", path="exports/")``. Option
+    values given as strings (``KEY=VALUE`` on the command line) are converted to the option's type
+    (``max_in_flight="8"``, ``with_products="yes"``).
+
+    Raises:
+        InputError: an unknown source, an unknown option or a bad value.
     """
     cls = source_class(name)
-    opts = _coerce_options(cls, name, opts)
-    try:
-        return cls(**opts)
-    except TypeError as exc:
-        raise InputError(f"imagery source {name!r}: bad options {sorted(opts)} ({exc})") from None
-
-
-_TRUE = {"1", "true", "yes", "on", "y"}
-_FALSE = {"0", "false", "no", "off", "n", ""}
-
-
-def _coerce_options(cls: type, name: str, opts: dict[str, Any]) -> dict[str, Any]:
-    """Convert string values to the bool/int/float type the constructor declares."""
-    params = inspect.signature(cls.__init__).parameters
-    out = dict(opts)
-    for key, value in opts.items():
-        p = params.get(key)
-        if p is None or not isinstance(value, str):
-            continue
-        ann = str(p.annotation)
-        try:
-            if "bool" in ann or isinstance(p.default, bool):
-                low = value.strip().lower()
-                if low not in _TRUE | _FALSE:
-                    raise ValueError(value)
-                out[key] = low in _TRUE
-            elif ann.startswith("int") or isinstance(p.default, int):
-                out[key] = None if value.strip().lower() == "none" and "None" in ann else int(value)
-            elif ann.startswith("float") or isinstance(p.default, float):
-                out[key] = None if value.strip().lower() == "none" and "None" in ann else float(value)
-        except ValueError:
-            raise InputError(
-                f"imagery source {name!r}: option {key}={value!r} is not a valid {ann.split(' ')[0]}"
-            ) from None
-    return out
+    return cls(parse_options(cls.Options, name, opts))
 
 
 def __getattr__(attr: str) -> Any:
@@ -119,6 +85,7 @@ __all__ = [
     "MODALITY_BANDS",
     "MODALITY_SLICES",
     "SOURCES",
+    "SourceOptions",
     "EarthEngineSource",
     "GeoTiffSource",
     "Imagery",
@@ -130,5 +97,6 @@ __all__ = [
     "masks_from_export",
     "max_year",
     "modalities",
+    "parse_options",
     "source_class",
 ]

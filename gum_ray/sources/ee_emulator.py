@@ -51,7 +51,7 @@ from affine import Affine
 from odc.geo.geobox import GeoBox
 
 from gum_ray.sources import synthetic
-from gum_ray.sources.base import MODALITY_SLICES
+from gum_ray.imagery import MODALITY_SLICES
 from gum_ray.sources.earthengine import (
     ENCODINGS,
     MARKER_COUNTS,
@@ -413,10 +413,10 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HTTPError(500, "An internal error has occurred.", "INTERNAL")
             self._fault("503")
             raise _HTTPError(503, "The service is currently unavailable.", "UNAVAILABLE")
-        sample = synthetic.render(
+        imagery, _ = synthetic.render(
             gb, int(year), with_products=(modality == "products"), modalities_wanted=[modality]
         )
-        values = sample.export[MODALITY_SLICES[modality]]
+        values = imagery.export[MODALITY_SLICES[modality]]
         if band_ids:
             keep = [k for k, c in enumerate(ENCODINGS[encoding][modality]) if c.name in band_ids]
             values = values[keep]

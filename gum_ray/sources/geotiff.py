@@ -29,13 +29,14 @@ from rasterio.crs import CRS as RioCRS
 from rasterio.enums import Resampling
 
 from gum_ray.bands import EXPORT_BANDS, EXPORT_BANDS_WITH_PRODUCTS, with_products_for_band_count
-from gum_ray.errors import InputError
+from gum_ray.errors import InputError, NotFoundError
+from gum_ray.imagery import Imagery, masks_from_export
+from gum_ray.inference import CROP
 from gum_ray.input_checks import UnitsCheck
-from gum_ray.sources.base import Imagery, ImagerySource, masks_from_export
+from gum_ray.sources.base import ImagerySource, SourceOptions
 
 log = logging.getLogger(__name__)
 
-CROP = 256
 MAX_READ_RATIO = 16  # a read may hold at most 16x the pixels of the grid it fills (2.5 m pixels)
 _UNITS: dict[str, UnitsCheck] = {}  # one plausibility check (and warning) per file and process
 
@@ -44,8 +45,8 @@ _YEAR_TAGS = ("year", "date", "start_date", "acquisition_date", "system:time_sta
 
 
 @dataclass(frozen=True)
-class ExportFile:
-    """One GUM export GeoTIFF, as indexed."""
+class IndexedExport:
+    """One GUM export GeoTIFF as the source's index knows it (its pixels are read on demand)."""
 
     path: str
     bands: int
@@ -71,21 +72,37 @@ def year_of(path: str, tags: dict[str, str]) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _index_file(path: str) -> ExportFile:
+def _index_file(path: str) -> IndexedExport:
     try:
         with rasterio.open(path) as ds:
             with_products_for_band_count(ds.count, source=path)  # 11 or 14 bands, else InputError
             if ds.crs is None:
                 raise InputError(f"{path}: has no CRS; a GUM export is georeferenced (re-export it)")
-            return ExportFile(path, ds.count, ds.crs.to_wkt(), tuple(ds.bounds), year_of(path, ds.tags()))
+            return IndexedExport(path, ds.count, ds.crs.to_wkt(), tuple(ds.bounds), year_of(path, ds.tags()))
     except rasterio.errors.RasterioIOError as exc:
         raise InputError(f"{path}: cannot be read as a GeoTIFF ({exc}); check the file") from None
+
+
+@dataclass(frozen=True)
+class GeoTiffOptions(SourceOptions):
+    """The GeoTIFF source's options (see :class:`GeoTiffSource`)."""
+
+    path: str = ""
+    year_policy: str = "match"
+    zero_is_nodata: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", os.fspath(self.path))
+        if not self.path:
+            raise InputError("GeoTIFF source: give path, a folder of GUM exports or one export file", param="path")
+        if self.year_policy not in ("match", "any"):
+            raise InputError(f"year_policy must be 'match' or 'any', got {self.year_policy!r}", param="year_policy")
 
 
 class GeoTiffSource(ImagerySource):
     """Imagery from a folder of existing GUM exports (or one export file).
 
-    Args:
+    Options (:class:`GeoTiffOptions`):
         path: a folder of GeoTIFFs (``*.tif``/``*.tiff``, searched recursively) or one GeoTIFF.
         with_products: return the 14-band layout; files with 11 bands give NaN product bands.
         year_policy: ``match`` (files whose year is the one asked, plus files without a year) or
@@ -95,37 +112,34 @@ class GeoTiffSource(ImagerySource):
     """
 
     name = "geotiff"
+    Options = GeoTiffOptions
 
-    def __init__(self, path: str | os.PathLike, *, with_products: bool = False, year_policy: str = "match",
-                 zero_is_nodata: bool = True) -> None:
-        super().__init__(with_products=with_products)
-        self.path = os.fspath(path)
-        if year_policy not in ("match", "any"):
-            raise InputError(f"year_policy must be 'match' or 'any', got {year_policy!r}")
-        self.year_policy = year_policy
-        self.zero_is_nodata = zero_is_nodata
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args and not isinstance(args[0], GeoTiffOptions):  # GeoTiffSource("exports/", ...)
+            kwargs["path"], args = args[0], args[1:]
+        super().__init__(*args, **kwargs)
+        self.path = self.options.path
+        self.year_policy = self.options.year_policy
+        self.zero_is_nodata = self.options.zero_is_nodata
         if not os.path.exists(self.path):
-            raise InputError(
+            raise NotFoundError(
                 f"GeoTIFF source: {self.path!r} does not exist; give a folder of GUM exports or one export file"
             )
-        self._index: list[ExportFile] | None = None
+        self._index: list[IndexedExport] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.name, "path": self.path, "with_products": self.with_products,
                 "year_policy": self.year_policy}
 
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
     # -- index ------------------------------------------------------------------------------------
     @property
-    def files(self) -> list[ExportFile]:
+    def files(self) -> list[IndexedExport]:
         """The GUM exports found (11/14-band GeoTIFFs); other rasters in a folder are skipped."""
         if self._index is None:
             self._index = self._scan()
         return self._index
 
-    def _scan(self) -> list[ExportFile]:
+    def _scan(self) -> list[IndexedExport]:
         if os.path.isfile(self.path):
             return [_index_file(self.path)]
         paths = sorted(
@@ -151,7 +165,7 @@ class GeoTiffSource(ImagerySource):
     def years(self) -> list[int]:
         return sorted({f.year for f in self.files if f.year is not None})
 
-    def _files_for_year(self, year: int) -> list[ExportFile]:
+    def _files_for_year(self, year: int) -> list[IndexedExport]:
         if self.year_policy == "any":
             return list(self.files)
         chosen = [f for f in self.files if f.year == year] + [f for f in self.files if f.year is None]
@@ -183,7 +197,7 @@ class GeoTiffSource(ImagerySource):
         masks = masks_from_export(export, self.with_products)
         return Imagery(export, masks, provenance, geobox, self.with_products)
 
-    def _read_into(self, f: ExportFile, geobox: GeoBox, dst_crs: RioCRS, out: np.ndarray) -> bool:
+    def _read_into(self, f: IndexedExport, geobox: GeoBox, dst_crs: RioCRS, out: np.ndarray) -> bool:
         """Fill the NaN pixels of ``out`` (n, H, W) from file ``f``; True if it overlapped."""
         n = out.shape[0]
         with rasterio.open(f.path) as ds:

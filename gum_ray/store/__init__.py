@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gum_ray.store.cache import CachedImagery, ImageryCache
+from gum_ray.store.cache import ImageryCache
 from gum_ray.store.manifest import FailureRecord, Manifest, write_and_commit
 from gum_ray.store.product import (
     DEFAULT_PRODUCT_PATH,
@@ -25,7 +25,6 @@ __all__ = [
     "DEFAULT_PRODUCT_PATH",
     "NODATA",
     "URBAN_THRESHOLD",
-    "CachedImagery",
     "CellWriteResult",
     "FailureRecord",
     "ImageryCache",

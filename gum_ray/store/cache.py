@@ -1,7 +1,8 @@
 """The imagery cache: fetched imagery per (year, cell) on its UTM grid (DESIGN.md decision 6).
 
 Imagery is written here before inference, so a crash, a new checkpoint or a new stride never costs
-Earth Engine quota twice. Layout (``<root>`` local or ``gs://``)::
+Earth Engine quota twice. :meth:`ImageryCache.put` takes and :meth:`ImageryCache.get` returns an
+:class:`~gum_ray.imagery.Imagery` (its compact parts are what is stored). Layout (``<root>`` local or ``gs://``)::
 
     <root>/gum_imagery_cache.json           marks the folder as a gum-ray imagery cache
     <root>/<year>/<cell_id>/                one Zarr v3 group per (year, cell):
@@ -21,44 +22,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
-from odc.geo.geobox import GeoBox
 
-from gum_ray import __version__
-from gum_ray.bands import COMPACT_ENCODING_VERSION, decode_compact, encode_compact, export_band_names
+from gum_ray.bands import COMPACT_ENCODING_VERSION, export_band_names
 from gum_ray.errors import InputError
 from gum_ray.grid import Cell, geobox_from_dict, geobox_to_dict
+from gum_ray.imagery import COMPACT_PARTS, Imagery
 from gum_ray.store import fs
+from gum_ray.version import __version__
 
 CACHE_MARKER = "gum_imagery_cache.json"
 CACHE_VERSION = 1
 INNER_CHUNK = 512
-_PARTS = ("s2", "s2_mask", "s1", "s1_mask", "terrain", "terrain_mask", "products")
-
-
-@dataclass
-class CachedImagery:
-    """One cache entry: the GUM export (or its compact parts), its GeoBox and provenance."""
-
-    geobox: GeoBox
-    attrs: dict[str, Any]
-    parts: dict[str, np.ndarray]
-
-    @property
-    def export(self) -> np.ndarray:
-        """The float32 GUM export (bands, H, W), NaN where a modality is missing."""
-        return decode_compact(self.parts)
-
-    @property
-    def provenance(self) -> dict[str, Any]:
-        return dict(self.attrs.get("provenance", {}))
-
-    @property
-    def with_products(self) -> bool:
-        return "products" in self.parts
 
 
 class ImageryCache:
@@ -99,53 +76,32 @@ class ImageryCache:
         """Ids of cells with an entry (complete or not) for ``year``."""
         return [n for n in fs.list_names(fs.join(self.root, str(int(year)))) if n.startswith("r")]
 
-    def put(
-        self,
-        year: int,
-        cell: Cell,
-        export: np.ndarray,
-        geobox: GeoBox,
-        provenance: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Cache the GUM export (11 or 14 bands, H, W float; NaN = missing) of (year, cell).
+    def put(self, year: int, cell: Cell, imagery: Imagery) -> None:
+        """Cache the imagery of (year, cell) (on its UTM grid, ``cell.utm_geobox(halo)``).
 
-        Stored as the compact encodings of :func:`gum_ray.bands.encode_compact`; ``geobox`` is the
-        UTM grid the export is on (``cell.utm_geobox()``). Overwrites a previous entry.
+        Stored as its compact parts (:meth:`~gum_ray.imagery.Imagery.to_compact`). Overwrites a
+        previous entry.
         """
-        export = np.asarray(export)
-        if export.ndim != 3:
-            raise InputError(f"imagery for cell {cell.id}: expected (bands, H, W), got shape {export.shape}")
-        names = export_band_names(export.shape[0] == 14)
-        if export.shape[0] not in (11, 14):
-            raise InputError(f"imagery for cell {cell.id}: {export.shape[0]} bands; a GUM export has 11 or 14")
-        h, w = export.shape[1:]
-        if (h, w) != (geobox.shape.y, geobox.shape.x):
-            raise InputError(
-                f"imagery for cell {cell.id}: shape {(h, w)} does not match its GeoBox {tuple(geobox.shape)}"
-            )
-        parts = encode_compact(export)
-        self.put_compact(year, cell, parts, geobox, provenance, band_names=list(names))
+        if not isinstance(imagery, Imagery):
+            raise InputError(f"imagery for cell {cell.id}: expected an Imagery, got {type(imagery).__name__}")
+        self.put_compact(year, cell, imagery.to_compact(), imagery.geobox, imagery.provenance)
 
     def put_compact(
         self,
         year: int,
         cell: Cell,
         parts: Mapping[str, np.ndarray],
-        geobox: GeoBox,
+        geobox: Any,
         provenance: Mapping[str, Any] | None = None,
-        *,
-        band_names: list[str] | None = None,
     ) -> None:
-        """Cache already-encoded compact parts (what the Earth Engine source receives on the wire)."""
+        """Cache already-encoded compact parts (:data:`~gum_ray.imagery.COMPACT_PARTS`)."""
         from zarr.codecs import ZstdCodec
 
         missing = {"s2", "s2_mask", "s1", "s1_mask", "terrain", "terrain_mask"} - set(parts)
         if missing:
             raise InputError(f"imagery for cell {cell.id}: compact parts {sorted(missing)} are missing")
-        if band_names is None:
-            band_names = list(export_band_names("products" in parts))
         g = self._group(year, cell, "w")
-        for name in _PARTS:
+        for name in COMPACT_PARTS:
             if name not in parts:
                 continue
             arr = np.ascontiguousarray(parts[name])
@@ -163,7 +119,7 @@ class ImageryCache:
                 "year": int(year),
                 "cell_id": cell.id,
                 "geobox": geobox_to_dict(geobox),
-                "band_names": band_names,
+                "band_names": list(export_band_names("products" in parts)),
                 "encoding": "gum_ray.bands.encode_compact",
                 "encoding_version": COMPACT_ENCODING_VERSION,
                 "provenance": json.loads(json.dumps(dict(provenance or {}), default=str)),
@@ -173,7 +129,7 @@ class ImageryCache:
             }
         )
 
-    def get(self, year: int, cell: Cell) -> CachedImagery:
+    def get(self, year: int, cell: Cell) -> Imagery:
         """The cached entry of (year, cell); :class:`InputError` if it is not cached (completely)."""
         if not self.has(year, cell):
             raise InputError(
@@ -181,8 +137,12 @@ class ImageryCache:
             )
         g = self._group(year, cell, "r")
         attrs = dict(g.attrs)
-        parts = {name: np.asarray(g[name][...]) for name in _PARTS if name in g}
-        return CachedImagery(geobox=geobox_from_dict(attrs["geobox"]), attrs=attrs, parts=parts)
+        parts = {name: np.asarray(g[name][...]) for name in COMPACT_PARTS if name in g}
+        return Imagery.from_compact(parts, geobox_from_dict(attrs["geobox"]), attrs.get("provenance", {}))
+
+    def attrs(self, year: int, cell: Cell) -> dict[str, Any]:
+        """The attributes of the entry of (year, cell): band names, encoding, times, provenance."""
+        return dict(json.loads(fs.read_bytes(fs.join(self.path(year, cell), "zarr.json"))).get("attributes", {}))
 
     def delete(self, year: int, cell: Cell) -> None:
         """Remove the entry of (year, cell) (e.g. to refetch it)."""

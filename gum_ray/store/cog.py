@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gum_ray import __version__
+from gum_ray.version import __version__
 from gum_ray.errors import InputError
 from gum_ray.grid import AOI, PRODUCT_CRS, aoi_windows, window_transform
 from gum_ray.store import fs
@@ -119,7 +119,7 @@ def export_cog(
     if height * width > 2**34:
         raise InputError(
             f"export of {width} x {height} px is too large for one GeoTIFF; use a smaller area or "
-            f"an overview level (--level)"
+            f"a coarser overview (level)", param="level"
         )
     mask_geoms = None if _aoi_is_box(aoi) else _shifted_geometry(aoi)
 

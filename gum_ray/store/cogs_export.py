@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.sax.saxutils import escape
 
-from gum_ray import __version__
+from gum_ray.version import __version__
 from gum_ray.errors import InputError
 from gum_ray.grid import AOI, PIXEL_DEG, PRODUCT_CRS, Cell
 from gum_ray.store import fs

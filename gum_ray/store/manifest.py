@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gum_ray import __version__
+from gum_ray.version import __version__
 from gum_ray.errors import InputError
 from gum_ray.grid import Cell, ProductGrid
 from gum_ray.store import fs

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from gum_ray import __version__
+from gum_ray.version import __version__
 from gum_ray.errors import InputError
 from gum_ray.grid import AOI, PIXELS_PER_DEGREE, PRODUCT_CRS
 from gum_ray.store import fs

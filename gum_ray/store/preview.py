@@ -136,7 +136,7 @@ def render_preview(
     if not str(out).lower().endswith(".png"):
         raise InputError(f"output {out}: a preview is a PNG; name it .png")
     if max_px < 16:
-        raise InputError(f"--max-px {max_px}: give at least 16 pixels")
+        raise InputError(f"max_px {max_px}: give at least 16 pixels", param="max_px")
     rows, cols = aoi_windows(aoi, 1)[0]
     h0 = rows.stop - rows.start
     w0 = sum(c.stop - c.start for _, c in aoi_windows(aoi, 1))

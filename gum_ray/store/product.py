@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from gum_ray import __version__
+from gum_ray.version import __version__
 from gum_ray.errors import GumError, InputError
 from gum_ray.grid import (
     AOI,
@@ -56,6 +56,7 @@ from gum_ray.grid import (
     x_coords,
     y_coords,
 )
+from gum_ray.imagery import NODATA
 from gum_ray.store import fs
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "gum-ray-product"
 FORMAT_VERSION = 1
 PROBABILITY = "probability"
-NODATA = 255
 URBAN_THRESHOLD = 50  # percent: a pixel is urban when P(urban) >= 50 %
 DEFAULT_PROB_FLOOR = 2  # percent: below this a probability is stored as 0
 DEFAULT_OVERVIEW_LEVELS = 6  # 2^6 = 64 px = about 600 m at the equator

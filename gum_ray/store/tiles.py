@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from gum_ray import __version__
+from gum_ray.version import __version__
 from gum_ray.errors import InputError
 from gum_ray.grid import AOI, PIXELS_PER_DEGREE, Cell, ProductGrid, aoi_sides
 from gum_ray.store import fs
@@ -457,12 +457,11 @@ def write_tiles(
     backend: str = "auto",
     ray_address: str | None = None,
     pmtiles: bool = False,
-    cdn: bool = False,
-    basemap: str | None = "osm",
     progress: bool = True,
     echo: Callable[[str], None] = lambda m: None,
 ) -> list[TilesResult]:
-    """Write XYZ tiles of ``years`` over the written cells into ``out`` and the viewer page.
+    """Write XYZ tiles of ``years`` over the written cells into ``out`` (the viewer page beside
+    them is :func:`gum_ray.viewer.write_viewer`'s, which ``gum tiles`` calls after this).
 
     Resumable: tiles already there are skipped. ``backend``: ``threads``, ``ray`` or ``auto`` (Ray
     when a run has more than :data:`RAY_MIN_TILES` tiles or ``ray_address`` is given). Raises
@@ -472,8 +471,6 @@ def write_tiles(
     import time
 
     from tqdm import tqdm
-
-    from gum_ray.viewer import write_viewer
 
     if not (isinstance(zooms, tuple) and len(zooms) == 2 and 0 <= zooms[0] <= zooms[1] <= MAX_ZOOM):
         raise InputError(f"zoom range {zooms}: zooms must satisfy 0 <= A <= B <= {MAX_ZOOM}")
@@ -556,7 +553,6 @@ def write_tiles(
             TilesResult(out=out, year=y, zooms=zooms, planned=planned, written=written, skipped=skipped,
                         quality_written=qwritten, seconds=time.perf_counter() - t0, pmtiles=pm)
         )
-    write_viewer(out, cdn=cdn, basemap=basemap)
     return results
 
 

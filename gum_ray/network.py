@@ -1,0 +1,118 @@
+"""The model interface: what the inference engine, training and every command know of a model.
+
+A model family (GUM 1 today, GUM 2.0 next: ``docs/design-notes.md``, "Layers") is one class that
+satisfies :class:`UrbanModel`:
+
+======================  ==============================================================================
+``family``              the family's name (``"gum1"``), recorded in provenance
+``in_channels``         channels of the network's input (after preprocessing)
+``required_bands``      the GUM export bands it reads (:mod:`gum_ray.bands` names)
+``preprocess(export)``  GUM export (bands, H, W) float32, NaN = missing -> network input (C, H, W)
+``validity(export)``    bool (H, W): the pixels the model maps (the rest is no data)
+``forward(x)``          a batch of crops (B, C, 256, 256) -> logits (B, 2, 256, 256), class 1 = urban
+``module``              the :class:`torch.nn.Module` holding the weights (device, dtype, training)
+``encoder``             the part of ``module`` a fine-tune may freeze
+``provenance()``        what identifies the weights (family, checkpoint file and sha256, architecture)
+``meta``                what the checkpoint file says about itself (training history, notes)
+``save(path, meta)``    write the weights as a checkpoint of the family; returns the file's sha256
+======================  ==============================================================================
+
+The compatibility rule between a model and imagery lives here, once: the imagery must carry every
+band the model requires (:func:`check_compatible`); extra bands are not an error (a 10-channel model
+ignores the product bands of 14-band imagery). ``gum map``, ``gum patches``, ``gum predict``,
+``gum finetune`` and the mapping stages all ask this function, so they give the same answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from gum_ray.bands import export_band_names
+from gum_ray.errors import CheckpointError
+
+
+@runtime_checkable
+class UrbanModel(Protocol):
+    """One model family behind one interface (see the module docstring)."""
+
+    family: str
+    meta: dict[str, Any]
+
+    @property
+    def in_channels(self) -> int: ...
+
+    @property
+    def required_bands(self) -> tuple[str, ...]: ...
+
+    @property
+    def module(self) -> Any: ...
+
+    @property
+    def encoder(self) -> Any: ...
+
+    def preprocess(self, export: np.ndarray) -> np.ndarray: ...
+
+    def validity(self, export: np.ndarray) -> np.ndarray: ...
+
+    def forward(self, x: Any) -> Any: ...
+
+    def provenance(self) -> dict[str, Any]: ...
+
+    def save(self, path: Any, meta: dict[str, Any] | None = None) -> str: ...
+
+
+def as_model(obj: Any) -> UrbanModel:
+    """``obj`` as an :class:`UrbanModel`: itself, or a bare GUM 1 network (mmseg module) wrapped."""
+    if isinstance(obj, UrbanModel):
+        return obj
+    from gum_ray.model import Gum1
+
+    return Gum1.from_module(obj)
+
+
+def load_model(path: Any) -> UrbanModel:
+    """Load and validate a checkpoint of any model family.
+
+    GUM 1 is the only family today; the next (GUM 2.0) reads its family from the checkpoint's keys
+    here, and nothing that uses the returned model changes.
+
+    Raises:
+        CheckpointError: the file is not a usable checkpoint (a missing file is also a
+            :class:`FileNotFoundError`).
+    """
+    from gum_ray.model import Gum1
+
+    return Gum1.load(path)
+
+
+def needs_products(model: UrbanModel) -> bool:
+    """Whether the model reads the three built-up product bands."""
+    return bool(set(model.required_bands) - set(export_band_names(False)))
+
+
+def check_compatible(model: UrbanModel, with_products: bool, *, what: str = "the imagery") -> None:
+    """The one compatibility rule: imagery must carry every band ``model`` requires.
+
+    Args:
+        model: the model.
+        with_products: whether the imagery carries the built-up product bands (14 bands, else 11).
+        what: the imagery, for the message (``"the ee source"``, ``"exports/a.tif"``).
+
+    Raises:
+        CheckpointError: bands are missing (``param`` = ``with_products``).
+    """
+    have = export_band_names(with_products)
+    missing = [b for b in model.required_bands if b not in have]
+    if missing:
+        prov = model.provenance()
+        raise CheckpointError(
+            f"checkpoint {prov.get('checkpoint') or model.family}: is a {model.in_channels}-channel model that "
+            f"needs the bands {', '.join(missing)}, but {what} has {len(have)} bands without them; use "
+            "imagery with the built-up products (with_products), or a checkpoint that does not need them",
+            param="with_products",
+        )
+
+
+__all__ = ["UrbanModel", "as_model", "check_compatible", "load_model", "needs_products"]
