@@ -298,3 +298,49 @@ def test_refused_run_creates_no_product_and_adds_no_year(store_root, tmp_path, c
     assert "another run" in capsys.readouterr().err
     assert ProductStore.open(product).years == [2020]  # no year added outside the lease
     other.release()
+
+
+@pytest.mark.slow
+def test_two_years_added_at_once_no_year_lost(store_root, tmp_path):
+    """Two `gum map` runs for different years start on one new product at the same moment, on one
+    Ray cluster: the one without the lease is refused before it changes anything, and succeeds when
+    run again; both years are there afterwards, each with its cell committed."""
+    from gum_ray.grid import ProductGrid, cells_for_aoi, parse_aoi
+    from gum_ray.model import ModelSpec, random_checkpoint
+    from gum_ray.store.manifest import Manifest
+    from gum_ray.store.product import NODATA, ProductStore
+    from tests.raycluster import ray_head
+
+    ckpt = tmp_path / "tiny.pth"
+    random_checkpoint(ckpt, ModelSpec(10, 8, 4), seed=1)
+    product = _product(store_root)
+    bbox = (8.571, 47.371, 8.579, 47.379)  # one 0.01-degree cell
+
+    def gum_map(year: int, address: str, env: dict) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gum_ray.cli", "map", "--bbox", *map(str, bbox), "--year", str(year),
+             "--cell-deg", "0.01", "--chunk-px", "40", "--halo", "32", "--quiet", "--no-preview",
+             "--checkpoint", str(ckpt), "--product", product, "--cache", str(tmp_path / "cache"),
+             "--ray-address", address],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    with ray_head() as (address, _, env):
+        env = {**env, "STORAGE_EMULATOR_HOST": os.environ.get("STORAGE_EMULATOR_HOST", "")}
+        runs = {year: gum_map(year, address, env) for year in (2020, 2021)}
+        outs = {year: p.communicate(timeout=900)[0] for year, p in runs.items()}
+        codes = {year: p.returncode for year, p in runs.items()}
+        assert 0 in codes.values(), outs
+        for year in (2020, 2021):
+            if codes[year] != 0:  # refused with one line, then run again once the first is done
+                assert "another run" in outs[year] and "is writing this product" in outs[year], outs[year]
+                again = gum_map(year, address, env)
+                out = again.communicate(timeout=900)[0]
+                assert again.returncode == 0, out
+    store = ProductStore.open(product)
+    assert sorted(store.years) == [2020, 2021]
+    (cell,) = cells_for_aoi(parse_aoi(bbox=bbox), ProductGrid(cell_deg=0.01, chunk_px=40))
+    manifest = Manifest(product)
+    for year in (2020, 2021):
+        marker = manifest.marker(year, cell)
+        assert marker is not None and marker["lease_generation"] >= 1
+        assert (store.read_cell(year, cell) != NODATA).any()  # data, not just the fill value

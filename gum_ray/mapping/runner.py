@@ -8,8 +8,9 @@ Ray's (remote tasks, actors, ``ray.wait``); the driver only keeps the queues bou
 
 Resume is the manifest: committed cells are skipped; a failed cell is retried up to
 ``max_attempts`` times (each failure recorded with its error), then set aside while the run goes on.
-One run at a time writes a product: a lease object with a heartbeat keeps a second run out while the
-first is alive; a killed run's lease expires after ``lease_ttl_s``.
+One run at a time changes a product: a fenced lease (:mod:`.lease`) taken before the product is
+created or a year added, with a heartbeat, keeps a second run out while the first is alive; a
+killed run's lease expires after ``lease_ttl_s`` (at once on the same host).
 """
 
 from __future__ import annotations
