@@ -344,3 +344,29 @@ def test_two_years_added_at_once_no_year_lost(store_root, tmp_path):
         marker = manifest.marker(year, cell)
         assert marker is not None and marker["lease_generation"] >= 1
         assert (store.read_cell(year, cell) != NODATA).any()  # data, not just the fill value
+
+
+def test_a_beat_whose_answer_was_lost_is_not_a_lost_lease(store_root, monkeypatch):
+    """A heartbeat that landed but whose answer never came (a reset connection) must not make the
+    next beat look refused: the run still holds the lease."""
+    product = _product(store_root)
+    lease = RunLease(product, ttl_s=60)
+    lease.acquire()
+    real_write = versioned.write
+    lost_answers = []
+
+    def write_then_lose_the_answer(path, data, if_generation):
+        done = real_write(path, data, if_generation)
+        if not lost_answers:
+            lost_answers.append(done)
+            raise ConnectionResetError("the answer was lost")
+        return done
+
+    monkeypatch.setattr(versioned, "write", write_then_lose_the_answer)
+    with pytest.raises(ConnectionResetError):
+        lease.beat_now()
+    assert lost_answers[0] is not None  # it did land
+    lease.beat_now()  # not LeaseLost
+    assert_lease_held(product, lease.run_id, 1)
+    lease.release()
+    assert read_lease(product)["state"] == "released"

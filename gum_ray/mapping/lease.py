@@ -122,6 +122,7 @@ class RunLease:
         self._last_beat = 0.0  # time.monotonic() of the last successful beat
         self._lock = threading.Lock()
         self._lost: LeaseLost | None = None
+        self._unsure: list[bytes] = []  # records whose write failed without an answer
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -192,15 +193,13 @@ class RunLease:
 
     def beat_now(self) -> None:
         """Refresh the heartbeat at once (a conditional write); :class:`LeaseLost` if refused."""
-        from gum_ray.store import versioned
-
         with self._lock:
             if self._lost is not None:
                 raise self._lost
             if self._object_generation is None:
                 raise GumError("the lease was never acquired")
             self._beats += 1
-            won = versioned.write(self.path, self._record(), self._object_generation)
+            won = self._rewrite(self._record())
             if won is None:
                 now = read_lease(self.product)
                 self._lost = LeaseLost(
@@ -212,6 +211,22 @@ class RunLease:
                 raise self._lost
             self._object_generation = won.generation
             self._last_beat = time.monotonic()
+
+    def _rewrite(self, record: bytes):
+        """Replace this run's record (under ``_lock``); the new version, or None if refused."""
+        from gum_ray.store import versioned
+
+        try:
+            won = versioned.write(self.path, record, self._object_generation)
+        except Exception:
+            self._unsure.append(record)  # it may have landed with the answer lost
+            raise
+        if won is None and self._unsure:
+            current = versioned.read(self.path)
+            if current is not None and current.data in self._unsure:  # it had landed: go on from it
+                won = versioned.write(self.path, record, current.generation)
+        self._unsure.clear()
+        return won
 
     def start_heartbeat(self) -> None:
         """Beat in a background thread every ``interval_s`` until :meth:`release` (or the lease is
@@ -247,13 +262,11 @@ class RunLease:
     def release(self) -> None:
         """Give the lease up (a conditional write of a released record). A run that lost the lease
         (or never held it) writes nothing: the new holder's lease is left alone."""
-        from gum_ray.store import versioned
-
         self.stop_heartbeat()
         with self._lock:
             if self._lost is not None or self._object_generation is None:
                 return
-            won = versioned.write(self.path, self._record("released"), self._object_generation)
+            won = self._rewrite(self._record("released"))
             if won is None:
                 self._lost = LeaseLost(f"run {self.run_id} had lost the lease on {self.product}")
                 log.warning("not releasing the lease: %s", self._lost)
