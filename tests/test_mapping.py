@@ -105,17 +105,21 @@ def test_lease_one_writer_per_product(tmp_path):
     (tmp_path / "p.zarr").mkdir()
     first = RunLease(product, ttl_s=3.0)
     first.acquire()
-    assert_lease_held(product, first.run_id)
+    assert first.generation == 1
+    assert_lease_held(product, first.run_id, 1)
     with pytest.raises(GumError, match="another run"):
         RunLease(product, ttl_s=3.0).acquire()
     import time
 
-    time.sleep(3.1)  # the first run stops beating: its lease goes stale
+    time.sleep(5)  # the first run stops beating: its lease goes stale (2 s of margin)
     with pytest.raises(LeaseLost):
-        assert_lease_held(product, first.run_id)
+        assert_lease_held(product, first.run_id, 1)
     second = RunLease(product, ttl_s=30)
-    second.acquire()  # takes over the expired lease
-    assert_lease_held(product, second.run_id)
+    second.acquire()  # takes over the expired lease, with the next lease generation
+    assert second.generation == 2
+    assert_lease_held(product, second.run_id, 2)
     with pytest.raises(LeaseLost, match="holder"):
-        assert_lease_held(product, first.run_id)
+        assert_lease_held(product, first.run_id, 1)
     second.release()
+    with pytest.raises(LeaseLost, match="released"):
+        assert_lease_held(product, second.run_id, 2)

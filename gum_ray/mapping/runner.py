@@ -8,8 +8,9 @@ Ray's (remote tasks, actors, ``ray.wait``); the driver only keeps the queues bou
 
 Resume is the manifest: committed cells are skipped; a failed cell is retried up to
 ``max_attempts`` times (each failure recorded with its error), then set aside while the run goes on.
-One run at a time writes a product: a lease object with a heartbeat keeps a second run out while the
-first is alive; a killed run's lease expires after ``lease_ttl_s``.
+One run at a time changes a product: a fenced lease (:mod:`.lease`) taken before the product is
+created or a year added, with a heartbeat, keeps a second run out while the first is alive; a
+killed run's lease expires after ``lease_ttl_s`` (at once on the same host).
 """
 
 from __future__ import annotations
@@ -183,8 +184,8 @@ def _remote_stages(job: MapJob, n_gpus: float):
         return fetch_cell(job, year, row, col)
 
     @ray.remote(num_cpus=0.5, max_retries=0)
-    def gum_write(job, year, row, col, predicted, sha, times, run_id):
-        return write_cell(job, year, row, col, predicted, sha, times, run_id)
+    def gum_write(job, year, row, col, predicted, sha, times, run_id, lease_generation):
+        return write_cell(job, year, row, col, predicted, sha, times, run_id, lease_generation)
 
     opts: dict[str, Any] = {"max_restarts": 1, "max_task_retries": 0}
     if n_gpus >= 1:
@@ -230,12 +231,13 @@ def _run_connected(job, source, cells, checkpoint, sha, t0, live, log_every_s) -
 
     limit = source.request_limit()
     cluster_limiter = None if limit is None else limiter_for(limit)
-    product = ProductStore.open_or_create(job.product, settings=ProductSettings(grid=job.grid), years=job.years)
-    manifest = Manifest(job.product, job.grid)
     lease = RunLease(job.product, job.lease_ttl_s)
-    lease.acquire()
+    lease.acquire()  # first: the product is created or a year added only under the lease
     summary = Summary()
     try:
+        lease.start_heartbeat()  # beats through long waits and the overview build
+        product = ProductStore.open_or_create(job.product, settings=ProductSettings(grid=job.grid), years=job.years)
+        manifest = Manifest(job.product, job.grid)
         _record_run(job, lease, cells)
         todo: collections.deque[tuple[int, Cell]] = collections.deque()
         for year in job.years:
@@ -256,7 +258,8 @@ def _run_connected(job, source, cells, checkpoint, sha, t0, live, log_every_s) -
         progress.close()
         if summary.written_cells:  # the pyramid above the cells this run wrote
             written = [job.cell(r, c) for r, c in sorted(summary.written_cells)]
-            product.build_overviews(written, years=list(job.years))
+            product.build_overviews(written, years=list(job.years), check=lease.beat)
+        lease.beat()  # LeaseLost if a heartbeat was refused while the pyramid was built
     finally:
         lease.release()
     del cluster_limiter  # held by the driver until here
@@ -363,11 +366,14 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
                 actor_load[i] -= 1
                 if len(writing) >= job.write_concurrency:
                     # writes are the bottleneck: wait for one before queueing another
-                    w_done, _ = ray.wait(list(writing), num_returns=1)
+                    w_done: list = []
+                    while not w_done:  # the lease is checked while waiting
+                        w_done, _ = ray.wait(list(writing), num_returns=1, timeout=1.0)
+                        lease.beat()
                     _finish_write(w_done[0], writing, summary, fail)
                 times = {"fetch_s": round(info.get("fetch_s", 0), 3), "fetched": info.get("fetched")}
                 writing[gum_write.remote(job_ref, year, cell.row, cell.col, ref, sha, times,
-                                         lease.run_id)] = (year, cell)
+                                         lease.run_id, lease.generation)] = (year, cell)
             elif ref in writing:
                 _finish_write(ref, writing, summary, fail)
         lease.beat()

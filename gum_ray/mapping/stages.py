@@ -96,12 +96,12 @@ class CellPredictor:
 
 def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction,
                checkpoint_sha256: str, extra_times: dict[str, Any] | None = None,
-               run_id: str | None = None) -> dict[str, Any]:
+               run_id: str | None = None, lease_generation: int | None = None) -> dict[str, Any]:
     """Warp the cell's P(urban) to the product grid, write its shard, then its commit marker.
 
-    With ``run_id``, the write happens only while that run holds the product's lease: a task left
-    running by a driver that died stops once the lease is stale or taken over, so two runs never
-    write one product at once.
+    With ``run_id``, the write happens only while that run holds the product's lease at
+    ``lease_generation`` (its fencing token): a task left running by a driver that died stops once
+    the lease is stale or taken over, so two runs never write one product at once.
     """
     from gum_ray.store.manifest import Manifest, write_and_commit
     from gum_ray.store.product import ProductStore
@@ -113,7 +113,7 @@ def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction
     if run_id is not None:
         from gum_ray.mapping.lease import assert_lease_held
 
-        assert_lease_held(job.product, run_id)
+        assert_lease_held(job.product, run_id, lease_generation)
     product = ProductStore.open(job.product, writable=True)
     dates = predicted.provenance.get("source_dates")
     result, committed = write_and_commit(
@@ -123,7 +123,7 @@ def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction
         source=job.source,
         source_dates=list(dates) if isinstance(dates, (list, tuple)) else None,
         times={"write_s": round(time.perf_counter() - t0, 3), **(extra_times or {})},
-        extra={"run_id": run_id} if run_id else None,
+        extra={"run_id": run_id, "lease_generation": lease_generation} if run_id else None,
     )
     return {"committed": committed, "empty": result.empty, "urban_px": result.urban_px,
             "valid_px": result.valid_px, "write_s": time.perf_counter() - t0}

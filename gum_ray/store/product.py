@@ -34,7 +34,7 @@ import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -265,14 +265,15 @@ class ProductStore:
         root = fs.normalize(root)
         if fs.exists(fs.join(root, "zarr.json")):
             raise InputError(f"{root} already holds a Zarr store; open it instead of creating it again")
-        if not fs.is_remote(root) and fs.list_names(root):
+        if not fs.is_remote(root) and [n for n in fs.list_names(root) if n != "_manifest"]:  # the lease is there
             raise InputError(f"{root} exists and is not empty; give a new folder for the product")
         grid = settings.grid
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         root_attrs = _root_attrs(settings, title, now)
         store = fs.zarr_store(root)
         with _Quiet():
-            g = zarr.open_group(store, mode="w", zarr_format=3, attributes=root_attrs)
+            # not mode "w": that empties the folder, and the run's lease lies in _manifest/
+            g = zarr.open_group(store, mode="a", zarr_format=3, attributes=root_attrs)
             for level in range(settings.overview_levels + 1):
                 lg = g if level == 0 else g.require_group(_level_group(level))
                 step = 2**level
@@ -604,12 +605,14 @@ class ProductStore:
         years: Sequence[int] | None = None,
         levels: int | None = None,
         max_workers: int = 2,
+        check: Callable[[], None] | None = None,
     ) -> int:
         """Build the pyramid (2x2 means, level by level) over the cells of ``region``.
 
         Run after the region's cells are written; returns the number of overview shards built.
         Each overview shard is written whole by one thread, so it is safe to run beside workers
         that write other cells, but not beside another overview build of the same region.
+        ``check`` is called before each shard is built (the run's lease: it raises to stop).
         """
         cells = cells_for_aoi(region, self.grid) if isinstance(region, AOI) else list(region)
         for c in cells:
@@ -619,9 +622,14 @@ class ProductStore:
         for level in range(1, top + 1):
             shards = self.overview_shards(cells, level)
             with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-                list(pool.map(lambda rc: self.build_overview_shard(level, rc[0], rc[1], years), shards))
+                list(pool.map(lambda rc: self._checked_overview_shard(check, level, rc, years), shards))
             total += len(shards)
         return total
+
+    def _checked_overview_shard(self, check, level, rc, years) -> bool:
+        if check is not None:
+            check()
+        return self.build_overview_shard(level, rc[0], rc[1], years)
 
 
 # ------------------------------------------------------------------------------------ attrs
