@@ -59,6 +59,12 @@ def setup_worker() -> None:
     configure(None)
 
 
+def ray_logging_level() -> int:
+    """``ray.init(logging_level=...)``: Ray's own start-up lines (local instance, token auth) only
+    when verbose; its errors always."""
+    return logging.INFO if is_verbose() else logging.ERROR
+
+
 def ray_runtime_env(env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """The runtime environment every gum-ray Ray job starts with: the quiet rule in every worker
     and the ``GUM_*`` variables of this process (settings, emulators, verbose) passed on."""

@@ -139,10 +139,10 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
 
     if ray.is_initialized():
         return False
-    from gum_ray.quiet import ray_runtime_env
+    from gum_ray.quiet import ray_logging_level, ray_runtime_env
 
     kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False,
-                              "runtime_env": ray_runtime_env()}
+                              "runtime_env": ray_runtime_env(), "logging_level": ray_logging_level()}
     where = address or os.environ.get("RAY_ADDRESS")
     if where and where not in ("auto", "local"):
         _check_reachable(where)

@@ -323,10 +323,11 @@ def _run_ray(todo: Sequence[Point], job: PatchJob, checkpoint: str | None, sha: 
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or "local"
-        from gum_ray.quiet import ray_runtime_env
+        from gum_ray.quiet import ray_logging_level, ray_runtime_env
 
         kwargs = {"include_dashboard": False} if address == "local" else {}
-        ray.init(address=address, log_to_driver=False, runtime_env=ray_runtime_env(), **kwargs)
+        ray.init(address=address, log_to_driver=False, runtime_env=ray_runtime_env(),
+                 logging_level=ray_logging_level(), **kwargs)
     remote = ray.remote(num_cpus=1, max_retries=2)(_safe_make_patch)
     job_ref = ray.put(job)
     limiter = make_limiter()  # cluster-wide now that Ray is up; held here for the whole run
