@@ -541,6 +541,15 @@ def _edge_range(lo_px: float, hi_px: float, size_px: int, n: int) -> range:
     return range(max(i0, 0), min(i1, n))
 
 
+def _cell_ranges(bounds: Sequence[float], grid: ProductGrid) -> tuple[range, range]:
+    """Cell rows and columns whose extent a (W, S, E, N) box reaches."""
+    w, s, e, n = bounds
+    px = grid.cell_px
+    rows = _edge_range((90.0 - n) * PIXELS_PER_DEGREE, (90.0 - s) * PIXELS_PER_DEGREE, px, grid.n_rows)
+    cols = _edge_range((w + 180.0) * PIXELS_PER_DEGREE, (e + 180.0) * PIXELS_PER_DEGREE, px, grid.n_cols)
+    return rows, cols
+
+
 def cells_for_aoi(aoi: AOI | Sequence[float], grid: ProductGrid = DEFAULT_GRID) -> list[Cell]:
     """The cells whose interior intersects the AOI, sorted by (row, col).
 
@@ -551,9 +560,7 @@ def cells_for_aoi(aoi: AOI | Sequence[float], grid: ProductGrid = DEFAULT_GRID) 
     n = grid.cell_px
     found: dict[tuple[int, int], Cell] = {}
     for part in aoi.parts:
-        w, s, e, nn = part.bounds
-        rows = _edge_range((90.0 - nn) * PIXELS_PER_DEGREE, (90.0 - s) * PIXELS_PER_DEGREE, n, grid.n_rows)
-        cols = _edge_range((w + 180.0) * PIXELS_PER_DEGREE, (e + 180.0) * PIXELS_PER_DEGREE, n, grid.n_cols)
+        rows, cols = _cell_ranges(part.bounds, grid)
         if not rows or not cols:
             continue
         rr, cc = np.meshgrid(np.array(rows), np.array(cols), indexing="ij")
@@ -646,9 +653,7 @@ def count_cells(aoi: AOI, grid: ProductGrid, limit: int) -> int:
     n = grid.cell_px
     found: set[tuple[int, int]] = set()
     for part in aoi.parts:
-        w, s, e, nn = part.bounds
-        rows = _edge_range((90.0 - nn) * PIXELS_PER_DEGREE, (90.0 - s) * PIXELS_PER_DEGREE, n, grid.n_rows)
-        cols = _edge_range((w + 180.0) * PIXELS_PER_DEGREE, (e + 180.0) * PIXELS_PER_DEGREE, n, grid.n_cols)
+        rows, cols = _cell_ranges(part.bounds, grid)
         if not rows or not cols:
             continue
         shapely.prepare(part)
