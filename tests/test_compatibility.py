@@ -80,13 +80,11 @@ def test_the_mapping_stage_asks_the_same_rule(tmp_path, ckpts):
     from gum_ray.grid import parse_aoi
     from gum_ray.mapping.job import MapJob
     from gum_ray.mapping.stages import CellPredictor
-    from gum_ray.store.cache import ImageryCache
-
     job = MapJob(aoi=parse_aoi(bbox=(8.571, 47.371, 8.579, 47.379)), years=(2021,), product=str(tmp_path / "p"),
                  cache=str(tmp_path / "c"), grid=ProductGrid(0.01, 40), halo_px=32)
     cell = job.grid.cell_at(8.575, 47.375)
     gbox = cell.utm_geobox(job.halo_px)
-    ImageryCache(job.cache).put(2021, cell, SyntheticSource().fetch(gbox, 2021))
+    job.imagery_cache().put(2021, cell, SyntheticSource().fetch(gbox, 2021))
     with pytest.raises(CheckpointError, match=RULE):
         CellPredictor(job, str(ckpts / "c13.pth")).predict(2021, cell.row, cell.col)
     pred = CellPredictor(job, str(ckpts / "c10.pth")).predict(2021, cell.row, cell.col)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,7 +60,8 @@ def expected_cell(product_root, cache_root, ckpt, cell, year=2020):
     from gum_ray.store.product import encode_probability
     from gum_ray.warp import warp_probability
 
-    cached = ImageryCache(cache_root).get(year, cell)
+    key, = (p.name for p in Path(cache_root).iterdir() if p.is_dir())  # the one source's entries
+    cached = ImageryCache(str(cache_root), key).get(year, cell)
     export = cached.export
     engine = InferenceEngine(load_checkpoint(ckpt).model, InferenceSettings())
     prob = engine.predict(bands.preprocess(export)).probability.astype(np.float16)
@@ -78,7 +80,7 @@ def test_ray_job_submit_through_the_ee_emulator(tmp_path, ckpt, emulator):
                sys.executable, str(REPO / "pipelines" / "continental.py"),
                *job_args(data, ckpt, "--source", "ee", "--source-option", f"url={emulator.url}",
                          "--source-option", "credentials=anonymous",
-                         "--source-option", "project=gum-emulator")]
+                         "--source-option", "project=gum-emulator", "--keep-cache")]
         for _ in range(30):  # the head's job agent may need a few more seconds after start
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
             if "No available agent" not in r.stdout + r.stderr:
@@ -104,11 +106,15 @@ def test_ray_job_submit_through_the_ee_emulator(tmp_path, ckpt, emulator):
 
 
 def _shards(product):
+    """Every chunk of the product (level 0 and the overview levels), by path."""
     out = {}
-    for root, _, files in os.walk(product / "probability" / "c"):
+    for root, _, files in os.walk(product):
+        if "/c/" not in root + "/" or "_manifest" in root:
+            continue
         for f in files:
             p = os.path.join(root, f)
             out[os.path.relpath(p, product)] = open(p, "rb").read()
+    assert any(k.startswith("overviews") for k in out) and any(k.startswith("probability") for k in out)
     return out
 
 

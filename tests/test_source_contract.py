@@ -20,6 +20,8 @@ from gum_ray.sources import get_source, parse_options
 from gum_ray.sources.base import ImagerySource, RequestLimit, SourceOptions
 from gum_ray.sources.synthetic import OCEAN_BBOX, world_export
 
+NORTH_SEA = (3.0, 55.0, 3.25, 55.25)
+
 YEAR = 2021
 # 128 x 96 px at 10 m in Zurich's UTM zone (a town, so every modality has values)
 GRID = GeoBox.from_bbox((467190, 5246400, 468470, 5247360), "EPSG:32632", resolution=10)
@@ -140,8 +142,10 @@ def test_describe_names_the_source_and_holds_no_secret(make_source):
 def test_the_contract_answers_what_callers_used_to_branch_on_the_name_for(make_source):
     src = make_source()
     assert src.may_hold_data((8.55, 47.35, 8.6, 47.4)) is True  # Zurich
-    ocean = src.may_hold_data(OCEAN_BBOX)
-    assert ocean is (make_source.kind != "synthetic")  # only the synthetic world knows its ocean
+    assert src.may_hold_data(OCEAN_BBOX) is False  # mid-Atlantic: ocean in both worlds
+    # the North Sea is land in the synthetic world (its ocean lies between 60 and 20 W) and sea on
+    # Earth: each source answers from its own world, real ones from the land mask
+    assert src.may_hold_data(NORTH_SEA) is (make_source.kind == "synthetic")
     assert src.default_checkpoint == ("demo" if make_source.kind == "synthetic" else None)
     limit = src.request_limit()
     if make_source.kind == "ee":

@@ -22,6 +22,9 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"folder or gs:// prefix for product and cache (default ./{DEFAULT_DATA_DIR})")
     p.add_argument("--product", help="product Zarr path (default DATA_DIR/product.zarr)")
     p.add_argument("--cache", help="imagery cache path (default DATA_DIR/imagery-cache)")
+    p.add_argument("--keep-cache", action="store_true",
+                   help="keep each cell's cached imagery after it is committed (to map it again with "
+                   "another model or settings without fetching); default: delete it once committed")
     p.add_argument("--cell-deg", type=float, default=DEFAULT_CELL_DEG, help="cell (shard) size in degrees")
     p.add_argument("--chunk-px", type=int, default=DEFAULT_CHUNK_PX, help="inner chunk size in px")
     p.add_argument("--halo", type=int, default=DEFAULT_HALO_PX, help="context around each cell in 10 m px")
@@ -97,6 +100,7 @@ def job_from_args(args: argparse.Namespace):
         preview=not args.no_preview,
         max_cells=args.max_cells,
         max_aoi_cells=getattr(args, "max_aoi_cells", None),
+        keep_cache=bool(getattr(args, "keep_cache", False)),
     )
 
 

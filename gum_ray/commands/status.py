@@ -40,15 +40,28 @@ def run(args: argparse.Namespace) -> int:
         fails = manifest.failures(year)
         aside = {cid: recs[-1].error for cid, recs in fails.items()
                  if len(recs) >= max_attempts and not manifest.is_done(year, cid)}
+        stale = manifest.stale_overviews(year, product.settings.overview_levels)
+        st["overview_shards_missing"] = {lv: len(sh) for lv, sh in stale.items() if sh}
         report[year] = {**st, "errors": aside}
+    cache = None
+    if latest and latest.get("cache") and latest.get("cache_key"):  # the latest run's imagery cache
+        objects, nbytes = fs.du(fs.join(fs.normalize(latest["cache"]), latest["cache_key"]))
+        cache = {"path": fs.join(fs.normalize(latest["cache"]), latest["cache_key"]), "objects": objects,
+                 "bytes": nbytes, "keep_cache": bool(latest.get("keep_cache"))}
     if args.json:
         print(json.dumps({"product": product.root, "latest_run": latest and latest["run_id"],
-                          "years": report}, indent=1))
+                          "years": report, "cache": cache}, indent=1))
         return 0
     print(f"{product.root}" + (f" (latest run {latest['run_id']}, started {latest['started']})" if latest else ""))
+    if cache is not None:
+        policy = "kept" if cache["keep_cache"] else "entries deleted once their cell is committed"
+        print(f"  imagery cache {cache['path']}: {cache['bytes'] / 1e6:,.1f} MB in {cache['objects']} objects ({policy})")
     for year, st in report.items():
         rem = f", {st['pending']} remaining of {st['total']}" if "pending" in st else ""
         print(f"  {year}: {st['done']} done, {st['set_aside']} set aside, {st['retrying']} retrying{rem}")
+        if st["overview_shards_missing"]:
+            levels = ", ".join(f"level {lv}: {n}" for lv, n in st["overview_shards_missing"].items())
+            print(f"    overview shards missing or stale ({levels}); run the job again to build them")
         for cid, err in sorted(st["errors"].items()):
             print(f"    set aside {cid}: {err}")
     return 0

@@ -7,6 +7,7 @@ and ``gum plan``; every Ray stage receives it once (``ray.put``) and builds what
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class MapJob:
     preview: bool = True
     max_cells: int | None = None  # map at most this many pending cells in this run (rerun to go on)
     max_aoi_cells: int | None = None  # refuse an AOI covering more cells (None/0: no cap)
+    keep_cache: bool = False  # keep a cell's cached imagery once it is committed (to map it again)
 
     def __post_init__(self) -> None:
         if not self.years:
@@ -63,6 +65,17 @@ class MapJob:
         from gum_ray.sources import get_source
 
         return get_source(self.source, **self.source_kwargs())
+
+    @functools.cached_property
+    def cache_key(self) -> str:
+        """The imagery cache key of the job's source (:meth:`ImagerySource.cache_key`)."""
+        return self.make_source().cache_key()
+
+    def imagery_cache(self):
+        """The job's imagery cache (its source's entries)."""
+        from gum_ray.store.cache import ImageryCache
+
+        return ImageryCache(self.cache, self.cache_key)
 
     def cell(self, row: int, col: int) -> Cell:
         return Cell(row, col, self.grid)

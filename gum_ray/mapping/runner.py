@@ -31,6 +31,7 @@ from gum_ray.errors import GumError, InputError
 from gum_ray.grid import Cell, cells_for_aoi, check_cell_cap, pixel_area_rows
 from gum_ray.mapping.job import MapJob
 from gum_ray.mapping.lease import RunLease
+from gum_ray.mapping.overviews import build_stale_overviews
 from gum_ray.mapping.stages import CellPredictor, fetch_cell, write_cell
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,54 @@ def plan_cells(job: MapJob, source: Any = None) -> list[Cell]:
 
 
 @dataclasses.dataclass
+class StageRates:
+    """What each stage measured over the cells this run committed: the next ``gum plan``'s rates."""
+
+    cells: int = 0
+    fetched: int = 0  # cells fetched from the source (the rest were cached)
+    fetch_s: float = 0.0
+    requests: int = 0
+    request_s: float = 0.0  # summed over requests, each from send to answer
+    request_bytes: int = 0
+    crops: int = 0
+    predict_s: float = 0.0  # actor time, all of it (cache read, preprocessing, network, blending)
+    write_s: float = 0.0
+
+    def add(self, res: dict[str, Any]) -> None:
+        f = res.get("fetch") or {}
+        self.cells += 1
+        self.fetched += int(bool(f.get("fetched")))
+        self.fetch_s += float(f.get("fetch_s") or 0.0)
+        self.requests += int(f.get("requests") or 0)
+        self.request_s += float(f.get("request_s") or 0.0)
+        self.request_bytes += int(f.get("request_bytes") or 0)
+        self.crops += int(res.get("crops") or 0)
+        self.predict_s += float(res.get("predict_s") or 0.0)
+        self.write_s += float(res.get("write_s") or 0.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["s_per_request"] = self.request_s / self.requests if self.requests else None
+        d["crops_per_s"] = self.crops / self.predict_s if self.predict_s > 0 else None
+        d["write_s_per_cell"] = self.write_s / self.cells if self.cells else None
+        return d
+
+    def line(self) -> str | None:
+        if not self.cells:
+            return None
+        parts = []
+        if self.requests:
+            parts.append(f"fetch {self.requests} requests at {self.request_s / self.requests:.2f} s each "
+                         f"({self.request_bytes / 1e6:,.1f} MB)")
+        elif self.fetched:
+            parts.append(f"fetch {self.fetch_s / self.fetched:.2f} s per cell")
+        if self.predict_s > 0:
+            parts.append(f"inference {self.crops / self.predict_s:.2f} crops/s per actor")
+        parts.append(f"write {self.write_s / self.cells:.2f} s per cell")
+        return "  measured: " + ", ".join(parts) + " (gum plan --calibrate PRODUCT uses them)"
+
+
+@dataclasses.dataclass
 class Summary:
     planned: int = 0
     skipped: int = 0
@@ -69,12 +118,14 @@ class Summary:
     set_aside: int = 0
     retried: int = 0
     remaining: int = 0
+    overview_shards: int = 0  # overview shards built (stale ones, whichever run committed their cells)
     km2: float = 0.0
     stream_s: float = 0.0
     wall_s: float = 0.0
     driver_peak_mb: float = 0.0
     driver_plan_rss_mb: float = 0.0  # resident memory once the plan and its queue are built
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    rates: StageRates = dataclasses.field(default_factory=lambda: StageRates())
     written_cells: set[tuple[int, int]] = dataclasses.field(default_factory=set, repr=False)
 
     @property
@@ -84,6 +135,7 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["written_cells"] = len(self.written_cells)
+        d["rates"] = self.rates.as_dict()
         d["km2_per_s"] = self.km2_per_s
         return d
 
@@ -222,6 +274,8 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
 
 
 def _run_connected(job, source, cells, checkpoint, sha, t0, live, log_every_s) -> Summary:
+    import ray
+
     from gum_ray.store.manifest import Manifest
     from gum_ray.store.product import ProductSettings, ProductStore
 
@@ -236,9 +290,10 @@ def _run_connected(job, source, cells, checkpoint, sha, t0, live, log_every_s) -
     summary = Summary()
     try:
         lease.start_heartbeat()  # beats through long waits and the overview build
-        product = ProductStore.open_or_create(job.product, settings=ProductSettings(grid=job.grid), years=job.years)
+        ProductStore.open_or_create(job.product, settings=ProductSettings(grid=job.grid), years=job.years)
         manifest = Manifest(job.product, job.grid)
-        _record_run(job, lease, cells)
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        _record_run(job, lease, cells, started)
         todo: collections.deque[tuple[int, Cell]] = collections.deque()
         for year in job.years:
             pending = manifest.pending(year, cells)
@@ -256,10 +311,11 @@ def _run_connected(job, source, cells, checkpoint, sha, t0, live, log_every_s) -
             summary.stream_s = time.time() - t_stream
         progress.update(summary, {"fetch": 0, "infer": 0, "write": 0}, force=True)
         progress.close()
-        if summary.written_cells:  # the pyramid above the cells this run wrote
-            written = [job.cell(r, c) for r, c in sorted(summary.written_cells)]
-            product.build_overviews(written, years=list(job.years), check=lease.beat)
+        # the pyramid: every stale overview shard of the job's years, whoever committed the cells
+        # under it (a run that died before its pyramid leaves them to this one)
+        summary.overview_shards = build_stale_overviews(job, ray.put(job), lease)
         lease.beat()  # LeaseLost if a heartbeat was refused while the pyramid was built
+        _record_run(job, lease, cells, started, summary)
     finally:
         lease.release()
     del cluster_limiter  # held by the driver until here
@@ -296,12 +352,19 @@ def _check_existing_product(job: MapJob) -> None:
             )
 
 
-def _record_run(job: MapJob, lease: RunLease, cells: list[Cell]) -> None:
+def _record_run(job: MapJob, lease: RunLease, cells: list[Cell], started: str,
+                summary: Summary | None = None) -> None:
+    """Write the run's record (``_manifest/runs/<run_id>.json``); with ``summary``, as finished."""
     from gum_ray.store import fs
 
-    record = {"run_id": lease.run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    record = {"run_id": lease.run_id, "started": started,
               "aoi": job.aoi.to_geojson(), "years": list(job.years), "cells": len(cells),
-              "source": job.source, "settings": job.settings_record(), "max_attempts": job.max_attempts}
+              "source": job.source, "settings": job.settings_record(), "max_attempts": job.max_attempts,
+              "cache": job.cache, "cache_key": job.cache_key, "keep_cache": job.keep_cache}
+    if summary is not None:
+        record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "cells_done": summary.done, "set_aside": summary.set_aside,
+                       "stream_s": round(summary.stream_s, 3), "rates": summary.rates.as_dict()})
     fs.write_bytes(fs.join(job.product, "_manifest", "runs", f"{lease.run_id}.json"),
                    json.dumps(record, indent=1, default=str).encode())
 
@@ -371,7 +434,8 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
                         w_done, _ = ray.wait(list(writing), num_returns=1, timeout=1.0)
                         lease.beat()
                     _finish_write(w_done[0], writing, summary, fail)
-                times = {"fetch_s": round(info.get("fetch_s", 0), 3), "fetched": info.get("fetched")}
+                times = {"fetch_s": round(info.get("fetch_s", 0), 3), "fetched": info.get("fetched"),
+                         **{k: info[k] for k in ("requests", "request_s", "request_bytes") if k in info}}
                 writing[gum_write.remote(job_ref, year, cell.row, cell.col, ref, sha, times,
                                          lease.run_id, lease.generation)] = (year, cell)
             elif ref in writing:
@@ -391,6 +455,7 @@ def _finish_write(ref, writing, summary: Summary, fail) -> None:
         fail(year, cell, exc)
         return
     summary.done += 1
+    summary.rates.add(res)
     summary.empty += int(res["empty"])
     summary.written_cells.add((cell.row, cell.col))
     summary.km2 += cell_km2(cell)
@@ -399,6 +464,11 @@ def _finish_write(ref, writing, summary: Summary, fail) -> None:
 def iter_summary_lines(s: Summary, job: MapJob) -> Iterator[str]:
     yield (f"gum map: {s.done} cells mapped, {s.skipped} already done (skipped), {s.set_aside} set aside, "
            f"{s.retried} retried; {s.km2:.1f} km² in {s.wall_s:.1f} s ({s.km2_per_s:.2f} km²/s)")
+    if s.overview_shards:
+        yield f"  {s.overview_shards} overview shards built"
+    rates = s.rates.line()
+    if rates:
+        yield rates
     if s.remaining:
         yield f"  {s.remaining} cells left for later runs (--max-cells {job.max_cells}); run again to go on"
     for key, err in sorted(s.errors.items()):

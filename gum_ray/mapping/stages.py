@@ -46,17 +46,18 @@ def source_for(job: MapJob):
 
 def fetch_cell(job: MapJob, year: int, row: int, col: int, source=None) -> dict[str, Any]:
     """Make sure the imagery of (year, cell) is in the cache; returns what was done."""
-    from gum_ray.store.cache import ImageryCache
-
     t0 = time.perf_counter()
     cell = job.cell(row, col)
-    cache = ImageryCache(job.cache)
+    cache = job.imagery_cache()
     if cache.has(year, cell):
         return {"fetched": False, "fetch_s": time.perf_counter() - t0}
     source = source or source_for(job)
     geobox = cell.utm_geobox(job.halo_px)
-    cache.put(year, cell, source.fetch(geobox, year))
-    return {"fetched": True, "fetch_s": time.perf_counter() - t0}
+    imagery = source.fetch(geobox, year)
+    cache.put(year, cell, imagery)
+    req = imagery.provenance.get("requests") or {}  # what the fetch cost (sources that make requests)
+    return {"fetched": True, "fetch_s": time.perf_counter() - t0, "requests": int(req.get("attempts", 0)),
+            "request_s": float(req.get("request_seconds", 0.0)), "request_bytes": int(req.get("bytes", 0))}
 
 
 class CellPredictor:
@@ -76,11 +77,9 @@ class CellPredictor:
 
     def predict(self, year: int, row: int, col: int) -> Prediction:
         """P(urban) of the cached imagery of (year, cell) on its UTM grid, float16, NaN = no data."""
-        from gum_ray.store.cache import ImageryCache
-
         t0 = time.perf_counter()
         cell = self.job.cell(row, col)
-        imagery = ImageryCache(self.job.cache).get(year, cell)
+        imagery = self.job.imagery_cache().get(year, cell)
         check_compatible(self.model, imagery.with_products, what=f"the cached imagery of cell {cell.id}")
         # crops on the UTM zone's stride lattice: neighbouring cells see the same crops where
         # their halos overlap, so the product has no seams at cell borders
@@ -125,5 +124,10 @@ def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction
         times={"write_s": round(time.perf_counter() - t0, 3), **(extra_times or {})},
         extra={"run_id": run_id, "lease_generation": lease_generation} if run_id else None,
     )
+    if not job.keep_cache:  # committed: its imagery is not needed again (unless kept to map again)
+        job.imagery_cache().delete(year, cell)
+    prov = predicted.provenance
     return {"committed": committed, "empty": result.empty, "urban_px": result.urban_px,
-            "valid_px": result.valid_px, "write_s": time.perf_counter() - t0}
+            "valid_px": result.valid_px, "write_s": time.perf_counter() - t0,
+            "predict_s": float(prov.get("predict_s") or 0.0), "crops": int(prov.get("crops") or 0),
+            "fetch": dict(extra_times or {})}

@@ -196,6 +196,9 @@ class ImagerySource(abc.ABC):
     Options: ClassVar[type[SourceOptions]] = SourceOptions
     #: the checkpoint used when none is given ("demo": the demo model), None: one must be given
     default_checkpoint: ClassVar[str | None] = None
+    #: the version of what a fetch computes (the recipe, the world): bump it when the same request
+    #: would give other imagery, so cached imagery of the old recipe is never reused
+    recipe_version: ClassVar[int] = 1
 
     def __init__(self, options: SourceOptions | None = None, /, **kwargs: Any) -> None:
         if options is not None and kwargs:
@@ -230,8 +233,15 @@ class ImagerySource(abc.ABC):
         """Fetch for a validated grid and year."""
 
     def may_hold_data(self, bounds: tuple[float, float, float, float]) -> bool:
-        """Whether the lon/lat box (west, south, east, north) can hold data; True unless known empty."""
-        return True
+        """Whether the lon/lat box (west, south, east, north) can hold data.
+
+        Real imagery can: wherever land lies within the coast margin of the box
+        (:func:`gum_ray.landmask.may_hold_land`); open sea is never fetched. A source with a world
+        of its own (the synthetic one) answers from that world.
+        """
+        from gum_ray.landmask import may_hold_land
+
+        return may_hold_land(bounds)
 
     def request_limit(self) -> RequestLimit | None:
         """The cap on requests in flight that all fetches of a job must share, or None (no cap).
@@ -245,6 +255,24 @@ class ImagerySource(abc.ABC):
     def use_limiter(self, limiter: Any) -> None:
         """Share ``limiter`` (``acquire() -> token``, ``release(token)``) for this source's requests."""
         self.limiter = limiter
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Options besides the recipe that decide the imagery (the server, the input folder), if any."""
+        return {}
+
+    def cache_key(self) -> str:
+        """The imagery cache's key for this source's imagery: name, recipe version, bands, identity.
+
+        Two sources share cached imagery only when they would fetch the same pixels: synthetic
+        imagery is never read by an ``ee`` run, nor one recipe's by another's.
+        """
+        import hashlib
+        import json
+
+        ident = {"source": self.name, "recipe_version": self.recipe_version,
+                 "with_products": self.with_products, **self.cache_identity()}
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return f"{self.name}-r{self.recipe_version}-{'b14' if self.with_products else 'b11'}-{digest}"
 
     def describe(self) -> dict[str, Any]:
         """Settings that identify this source (for manifests); never secrets."""

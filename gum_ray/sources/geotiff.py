@@ -127,6 +127,9 @@ class GeoTiffSource(ImagerySource):
             )
         self._index: list[IndexedExport] | None = None
 
+    def cache_identity(self) -> dict[str, Any]:
+        return {"path": self.path, "year_policy": self.year_policy}
+
     def describe(self) -> dict[str, Any]:
         return {"source": self.name, "path": self.path, "with_products": self.with_products,
                 "year_policy": self.year_policy}

@@ -43,6 +43,7 @@ from gum_ray.sources.synthetic_world import (  # noqa: F401 - the world's public
     M_PER_DEG,
     OCEAN_BBOX,
     WORLDCOVER_YEAR,
+    WORLD_VERSION,
     WSF_YEAR,
     Town,
     _class_map,
@@ -152,6 +153,7 @@ class SyntheticSource(ImagerySource):
     """
 
     name = "synthetic"
+    recipe_version = WORLD_VERSION
     Options = SyntheticOptions
     default_checkpoint = "demo"
 

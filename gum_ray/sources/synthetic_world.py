@@ -72,6 +72,8 @@ DEMO_BBOX = (8.5573, 47.3568, 8.6073, 47.4068)
 #: A box in the synthetic ocean: no land, nothing to map.
 OCEAN_BBOX = (-40.05, 10.0, -40.0, 10.05)
 
+WORLD_VERSION = 1  #: bump when the same grid and year give other imagery (cached imagery is then not reused)
+
 _SEED = 0x5EED_6A09_E667_F3BC
 
 # Class signatures: S2 reflectance (B4, B3, B2, B8), S1 dB (VV, VH ascending; descending = asc + offset).

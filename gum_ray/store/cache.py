@@ -5,7 +5,11 @@ Earth Engine quota twice. :meth:`ImageryCache.put` takes and :meth:`ImageryCache
 :class:`~gum_ray.imagery.Imagery` (its compact parts are what is stored). Layout (``<root>`` local or ``gs://``)::
 
     <root>/gum_imagery_cache.json           marks the folder as a gum-ray imagery cache
-    <root>/<year>/<cell_id>/                one Zarr v3 group per (year, cell):
+    <root>/<key>/                           one folder per source and recipe (the source's
+                                            ``cache_key()``: name, recipe version, 11/14 bands,
+                                            server or input): imagery is reused only where the
+                                            same source would fetch the same pixels
+    <root>/<key>/<year>/<cell_id>/          one Zarr v3 group per (year, cell):
         s2, s1, terrain[, products]          compact integer bands (bands.encode_compact):
                                              uint16 reflectance x 10000, int16 dB x 100,
                                              int16 terrain (m, centi-degrees), uint8 products
@@ -16,6 +20,10 @@ Earth Engine quota twice. :meth:`ImageryCache.put` takes and :meth:`ImageryCache
 Each array is one shard (one object) of 512 px inner chunks, so a cell costs about 7 objects
 and a reader can fetch a window. ``has`` is true only once the group's attributes say
 ``complete`` (written after every array), so a half-written entry is never used.
+
+A mapping job deletes a cell's entry once the cell is committed unless it keeps the cache
+(``gum map --keep-cache``: to map the same imagery again with another model or settings without
+fetching it again); the entries of cells not yet committed stay, so a resumed run never refetches.
 """
 
 from __future__ import annotations
@@ -41,8 +49,12 @@ INNER_CHUNK = 512
 class ImageryCache:
     """The imagery cache at ``root`` (local folder or gs://)."""
 
-    def __init__(self, root: str, *, zstd_level: int = 3):
+    def __init__(self, root: str, key: str | None = None, *, zstd_level: int = 3):
+        """The cache at ``root``; entries under ``<root>/<key>/`` (``key`` None: directly under root)."""
         self.root = fs.normalize(root)
+        if key is not None and (not key or "/" in key or key.startswith(".")):
+            raise InputError(f"imagery cache key {key!r}: expected a plain folder name")
+        self.key = key
         self.zstd_level = zstd_level
         marker = fs.join(self.root, CACHE_MARKER)
         if not fs.exists(marker):
@@ -53,8 +65,17 @@ class ImageryCache:
                 )
             fs.create_only(marker, json.dumps({"format": "gum-ray-imagery-cache", "version": CACHE_VERSION}).encode())
 
+    @property
+    def base(self) -> str:
+        """The folder that holds this key's entries."""
+        return self.root if self.key is None else fs.join(self.root, self.key)
+
     def path(self, year: int, cell: Cell) -> str:
-        return fs.join(self.root, str(int(year)), cell.id)
+        return fs.join(self.base, str(int(year)), cell.id)
+
+    def size(self) -> tuple[int, int]:
+        """(objects, bytes) of this key's entries."""
+        return fs.du(self.base)
 
     def _group(self, year: int, cell: Cell, mode: str) -> Any:
         import zarr
@@ -74,7 +95,7 @@ class ImageryCache:
 
     def cells(self, year: int) -> list[str]:
         """Ids of cells with an entry (complete or not) for ``year``."""
-        return [n for n in fs.list_names(fs.join(self.root, str(int(year)))) if n.startswith("r")]
+        return [n for n in fs.list_names(fs.join(self.base, str(int(year)))) if n.startswith("r")]
 
     def put(self, year: int, cell: Cell, imagery: Imagery) -> None:
         """Cache the imagery of (year, cell) (on its UTM grid, ``cell.utm_geobox(halo)``).

@@ -4,11 +4,18 @@ Layout under the product root::
 
     _manifest/<year>/<cell_id>.json                        commit marker: the cell is done
     _manifest/failed/<year>/<cell_id>/attempt-<n>.json     one record per failed attempt
+    _manifest/overviews/<year>/<level>/<shard_id>.json     an overview shard is built over n cells
 
 A cell is done when its marker exists. The marker is written **after** the cell's data, with a
 create-only write (a conditional upload on GCS, a hard link locally), so it needs no lock and a
 second writer of the same cell simply finds it there. A process killed between data and marker
 leaves a cell without a marker: a rerun writes the (identical) data again and commits it.
+
+Overview shards have markers too (:meth:`Manifest.commit_overview`), written after the shard and
+holding how many committed cells lay under it then: a shard is **stale** (to build) when more cells
+under it are committed now than its marker counts, or it has no marker
+(:meth:`Manifest.stale_overviews`). So a run that died after committing its cells but before its
+pyramid leaves stale shards, ``gum status`` reports them and the next run builds them.
 
 Resume lists markers with one listing per year (:meth:`Manifest.done`). Failures are counted per
 cell; after a bounded number of attempts the run sets the cell aside (:meth:`Manifest.set_aside`).
@@ -34,9 +41,12 @@ from gum_ray.store import fs
 
 MANIFEST_DIR = "_manifest"
 FAILED_DIR = "failed"
+OVERVIEW_DIR = "overviews"
 MARKER_VERSION = 1
 DEFAULT_MAX_ATTEMPTS = 3
 _ATTEMPT = re.compile(r"^attempt-(\d+)\.json$")
+_CELL = re.compile(r"^r(\d+)c(\d+)$")
+_SHARD = re.compile(r"^r(\d+)c(\d+)\.json$")
 
 
 def utc_now() -> str:
@@ -152,6 +162,54 @@ class Manifest:
         """``cells`` minus those committed for ``year``: what a resumed run still has to do."""
         done = self.done(year)
         return [c for c in cells if c.id not in done]
+
+    # ---- overview shards
+
+    def _overview_dir(self, year: int, level: int) -> str:
+        return fs.join(self.root, OVERVIEW_DIR, str(int(year)), str(int(level)))
+
+    def commit_overview(self, year: int, level: int, row: int, col: int, cells: int,
+                        extra: Mapping[str, Any] | None = None) -> None:
+        """Record that overview shard (level, row, col) of ``year`` was built over ``cells`` cells.
+
+        Overwrites: a rebuild over more cells replaces the record.
+        """
+        record = {"year": int(year), "level": int(level), "row": int(row), "col": int(col),
+                  "cells": int(cells), "built": utc_now(), "host": socket.gethostname(), **dict(extra or {})}
+        fs.write_bytes(fs.join(self._overview_dir(year, level), f"r{row:05d}c{col:05d}.json"),
+                       json.dumps(_jsonable(record), sort_keys=True).encode())
+
+    def overview_counts(self, year: int, level: int) -> dict[tuple[int, int], int]:
+        """Cells counted by each built overview shard of (year, level) (one listing, one read each)."""
+        base = self._overview_dir(year, level)
+        out: dict[tuple[int, int], int] = {}
+        for name in fs.list_names(base):
+            m = _SHARD.match(name)
+            if m:
+                rec = json.loads(fs.read_bytes(fs.join(base, name)))
+                out[(int(m.group(1)), int(m.group(2)))] = int(rec.get("cells", 0))
+        return out
+
+    def stale_overviews(self, year: int, levels: int) -> dict[int, dict[tuple[int, int], int]]:
+        """Per level 1..``levels``: the overview shards of ``year`` to (re)build, with their cell counts.
+
+        A shard is needed where any cell under it is committed; it is stale when its marker is
+        missing or counts fewer committed cells than there are now.
+        """
+        under: dict[int, dict[tuple[int, int], int]] = {lv: {} for lv in range(1, levels + 1)}
+        for cid in self.done(year):
+            m = _CELL.match(cid)
+            if not m:
+                continue
+            r, c = int(m.group(1)), int(m.group(2))
+            for lv in under:
+                key = (r >> lv, c >> lv)
+                under[lv][key] = under[lv].get(key, 0) + 1
+        out: dict[int, dict[tuple[int, int], int]] = {}
+        for lv, need in under.items():
+            built = self.overview_counts(year, lv) if need else {}
+            out[lv] = {k: n for k, n in need.items() if built.get(k, -1) < n}
+        return out
 
     # ---- failures
 

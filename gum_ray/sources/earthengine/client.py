@@ -36,6 +36,7 @@ from gum_ray.sources.earthengine.planner import MAX_REQUEST_BYTES, Window, check
 from gum_ray.sources.earthengine.recipe import (
     CLOUD_PROBABILITY_THRESHOLD,
     CLOUDY_PIXEL_PERCENTAGE_MAX,
+    RECIPE_VERSION,
     build_recipe,
     collections,
     encode_image,
@@ -217,6 +218,7 @@ class FetchStats:
     bytes: int = 0  # payload bytes received (successful requests)
     pixels: int = 0  # pixels received, summed over modalities
     seconds: float = 0.0
+    request_seconds: float = 0.0  # summed over all requests sent (each from send to answer)
     max_in_flight: int = 0  # seen by this fetch
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _in_flight: int = field(default=0, repr=False)
@@ -230,6 +232,7 @@ class FetchStats:
             "bytes": self.bytes,
             "pixels": self.pixels,
             "seconds": round(self.seconds, 3),
+            "request_seconds": round(self.request_seconds, 3),
             "max_in_flight": self.max_in_flight,
         }
 
@@ -302,6 +305,7 @@ class EarthEngineSource(ImagerySource):
     """
 
     name = "ee"
+    recipe_version = RECIPE_VERSION
     Options = EarthEngineOptions
 
     def __init__(self, options: EarthEngineOptions | None = None, /, *, limiter: Any = None, **kwargs: Any) -> None:
@@ -333,6 +337,9 @@ class EarthEngineSource(ImagerySource):
     def request_limit(self) -> RequestLimit:
         """Earth Engine's concurrent-request quota: ``max_in_flight``, in ``limiter_scope``."""
         return RequestLimit(self.max_in_flight, self.limiter_scope, "earthengine")
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {"url": self.url}  # another server (an emulator) serves other pixels
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -484,6 +491,7 @@ class EarthEngineSource(ImagerySource):
                 stats.attempts += 1
                 stats._in_flight += 1
                 stats.max_in_flight = max(stats.max_in_flight, stats._in_flight)
+            sent = time.monotonic()
             try:
                 arr = ee.data.computePixels(
                     {"expression": image, "fileFormat": "NUMPY_NDARRAY", "grid": grid}
@@ -505,6 +513,7 @@ class EarthEngineSource(ImagerySource):
             finally:
                 with stats._lock:
                     stats._in_flight -= 1
+                    stats.request_seconds += time.monotonic() - sent
                 limiter.release(token)
             reason = _reason(error)
             if kind == SPLIT:

@@ -23,6 +23,9 @@ from gum_ray.sources.earthengine.wire import (
     band_codes,
 )
 
+#: bump when the recipe changes what a request returns (cached imagery of another version is not reused)
+RECIPE_VERSION = 1
+
 S2_COLLECTION = "COPERNICUS/S2_SR_HARMONIZED"
 S2_CLOUD_COLLECTION = "COPERNICUS/S2_CLOUD_PROBABILITY"
 S1_COLLECTION = "COPERNICUS/S1_GRD"
