@@ -50,3 +50,17 @@ def random_export(h: int, w: int, bands: int = 11, seed: int = 0) -> np.ndarray:
     if bands == 14:
         x[11:14] = rng.integers(0, 2, (3, h, w))
     return x
+
+
+def gum(*args) -> int:
+    """Run the ``gum`` CLI in this process (arguments as strings); its exit code."""
+    from gum_ray.cli import main
+
+    return main([str(a) for a in args])
+
+
+def one_error_line(capsys) -> str:
+    """The one ``gum: error:`` line a bad input must give on stderr (asserted), for its text."""
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("gum: error: "), err
+    return err[0]

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from gum_ray.cli import main
 from gum_ray.grid import ProductGrid, cells_for_aoi, parse_aoi
 from gum_ray.model import ModelSpec, random_checkpoint
+from tests.helpers import gum, one_error_line
 
 TOWN = ["--bbox", "8.571", "47.371", "8.579", "47.379"]  # one 0.01-degree cell
 SMALL = ["--cell-deg", "0.01", "--chunk-px", "40", "--halo", "32", "--quiet", "--no-preview"]
@@ -23,14 +23,6 @@ def ckpt(tmp_path_factory):
     return d
 
 
-def gum(*args):
-    return main([str(a) for a in args])
-
-
-def one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("gum: error: "), err
-    return err[0]
 
 
 def test_plan_counts_cells_requests_and_time(capsys):

@@ -8,24 +8,16 @@ import shutil
 
 import pytest
 
-from gum_ray.cli import main
 from gum_ray.grid import ProductGrid, cells_for_aoi, parse_aoi
 from gum_ray.landmask import COAST_MARGIN_DEG, may_hold_land
 from gum_ray.model import ModelSpec, random_checkpoint
+from tests.helpers import gum, one_error_line
 
 EUROPE = ("-10.5", "35", "30", "60")  # the README's Europe box
 TOWN = ["--bbox", "8.571", "47.371", "8.579", "47.379"]  # one 0.01-degree cell
 SMALL = ["--cell-deg", "0.01", "--chunk-px", "40", "--halo", "32", "--quiet", "--no-preview"]
 
 
-def gum(*args):
-    return main([str(a) for a in args])
-
-
-def one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("gum: error: "), err
-    return err[0]
 
 
 @pytest.mark.parametrize("bounds, land", [

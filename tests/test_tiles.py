@@ -24,6 +24,7 @@ from gum_ray.store.tiles import (
     written_cells,
 )
 from tests.town import HOLE, TOWN_LONLAT, make_town_product, town_cells
+from tests.helpers import one_error_line
 
 ZOOMS = (4, 16)
 
@@ -164,11 +165,6 @@ def test_bbox_limits_tiles_and_pmtiles_holds_the_same_tiles(town, tmp_path):
         for z, x, y in sorted(got)[:: max(1, len(got) // 10)]:
             assert reader.get(z, x, y) == (out / "2021" / str(z) / str(x) / f"{y}.png").read_bytes()
 
-
-def one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("gum: error: "), err
-    return err[0]
 
 
 @pytest.mark.parametrize(
