@@ -46,8 +46,10 @@ class Labeler:
             if self._engine is None:
                 from gum_ray.inference import InferenceEngine
                 from gum_ray.network import load_model
+                from gum_ray.store.checkpoints import local_checkpoint
 
-                self._engine = InferenceEngine(load_model(self.checkpoint), self.settings)
+                # a gs:// checkpoint is fetched once per node into the local cache
+                self._engine = InferenceEngine(load_model(local_checkpoint(self.checkpoint)), self.settings)
         return self._engine
 
     def label(self, imagery: Imagery) -> tuple[np.ndarray, np.ndarray]:
@@ -262,7 +264,9 @@ def run_patches(
     checkpoint = job.resolved_checkpoint(source)
     sha = spec = None
     if checkpoint is not None:
-        model = load_model(checkpoint)  # validate before any fetch (clear error, once)
+        from gum_ray.store.checkpoints import local_checkpoint
+
+        model = load_model(local_checkpoint(checkpoint))  # validate before any fetch (clear error, once)
         check_compatible(model, source.with_products, what=f"the {job.source} source")
         sha, spec = model.provenance()["checkpoint_sha256"], model.provenance()["spec"]
         del model
