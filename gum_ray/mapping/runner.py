@@ -144,7 +144,8 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
     from gum_ray.quiet import ray_logging_level, ray_runtime_env
 
     kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False,
-                              "runtime_env": ray_runtime_env(), "logging_level": ray_logging_level()}
+                              "runtime_env": _job_runtime_env(ray_runtime_env()),
+                              "logging_level": ray_logging_level()}
     where = address or os.environ.get("RAY_ADDRESS")
     if where and where not in ("auto", "local"):
         _check_reachable(where)
@@ -162,6 +163,23 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
             f"cannot reach the Ray cluster at {where} ({str(exc).splitlines()[0][:160]}); start it "
             "(`ray start --head`) or leave --ray-address out to run on a local Ray"
         ) from None
+
+
+#: node-local settings a driver must not hand to the workers of other nodes
+NODE_LOCAL_ENV = ("GUM_CHECKPOINT_CACHE",)
+
+
+def _job_runtime_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """Our runtime env without node-local variables, and without the variables the submitted job's
+    own runtime env sets (``ray job submit --runtime-env-json``): Ray refuses to merge the two when
+    a key is in both, and the job's value is the one the submitter meant."""
+    env_vars = {k: v for k, v in runtime_env.get("env_vars", {}).items() if k not in NODE_LOCAL_ENV}
+    try:
+        injected = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "") or "{}")
+        job_vars = ((injected.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        job_vars = {}
+    return {**runtime_env, "env_vars": {k: v for k, v in env_vars.items() if k not in job_vars}}
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
