@@ -37,7 +37,7 @@ def test_a_run_through_10_percent_injected_gcs_faults_loses_nothing(gcs_emulator
 
     root = f"gs://{TEST_BUCKET}/faults-{uuid.uuid4().hex[:8]}"
     fs.write_bytes(f"{root}/gum.pth", ckpt.read_bytes())
-    with FaultProxy(gcs_emulator, rate=0.10, slow_s=1.0, seed=7) as proxy:
+    with FaultProxy(gcs_emulator, rate=0.10, slow_s=0.3, seed=7) as proxy:
         env = {**os.environ, "STORAGE_EMULATOR_HOST": proxy.url, "GUM_CHECKPOINT_CACHE": str(tmp_path / "ck")}
         r = subprocess.run([sys.executable, "-m", "gum_ray.cli", "map", "--bbox", *map(str, BBOX),
                             "--year", "2020", "--checkpoint", f"{root}/gum.pth", "--data-dir", f"{root}/data",
