@@ -40,7 +40,8 @@ def harness(gcs_emulator):
     fs.write_bytes(f"gs://{TEST_BUCKET}/mn/gum.pth", sc.demo_checkpoint().read_bytes())
     with FaultProxy(gcs_emulator, rate=0.0, seed=12) as proxy:
         env = {"STORAGE_EMULATOR_HOST": proxy.url}
-        with LoopbackCluster(workers=2, num_cpus=1, env=env) as cluster:
+        # the head runs the driver only: a killed worker takes the model actor or tasks with it
+        with LoopbackCluster(workers=2, num_cpus=1, env=env, head_cpus=0) as cluster:
             yield cluster, proxy, env, f"gs://{TEST_BUCKET}/mn"
 
 

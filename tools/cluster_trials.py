@@ -28,6 +28,9 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--fault-rate", type=float, default=0.1)
+    ap.add_argument("--head-cpus", type=int, default=0,
+                    help="CPUs of the head node (0: every task and model actor runs on the workers, "
+                         "so a killed node takes the model actor or tasks with it)")
     ap.add_argument("--no-faults-run", action="store_true", help="skip the injected-fault run")
     ap.add_argument("--json", help="write every trial's record here")
     ap.add_argument("--reference-dir", default=os.path.join(tempfile.gettempdir(), "gum-trials-reference"),
@@ -52,7 +55,7 @@ def main() -> int:
         gcs.create_bucket("gum")
         fs.write_bytes("gs://gum/gum.pth", ckpt.read_bytes())
         env = {"STORAGE_EMULATOR_HOST": proxy.url}
-        with LoopbackCluster(workers=2, num_cpus=1, env=env) as cluster:
+        with LoopbackCluster(workers=2, num_cpus=1, env=env, head_cpus=args.head_cpus) as cluster:
             print("| trial | killed | cells committed at kill | cluster retries | actors replaced | "
                   "cells set aside | wall s | product identical |", flush=True)
             print("|---|---|---|---|---|---|---|---|", flush=True)
