@@ -69,9 +69,12 @@ class FaultProxy:
             return web.Response(status=up.status, headers=out, body=data)
 
     async def _start(self) -> None:
+        import logging
+
         import aiohttp
         from aiohttp import web
 
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # the injected resets
         self._session = aiohttp.ClientSession(auto_decompress=False)
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
