@@ -70,9 +70,10 @@ def markers(product: str) -> int:
 
 
 def kill_trial(cluster, data_dir: str, checkpoint: str, rng: random.Random, env_vars: dict[str, str],
-               timeout_s: float = 900) -> dict:
+               timeout_s: float = 900, victim: str = "random") -> dict:
     """Submit the job; once a random number of cells (0 .. N-2) is committed and a random pause
-    more, SIGKILL a random worker node; add a node back; wait for the job. Returns what happened."""
+    more, SIGKILL a worker node (``victim``: a random one, or ``"actor"``: the one running the model
+    actor); add a node back; wait for the job. Returns what happened."""
     from gum_ray.mapping.lease import lease_path
     from gum_ray.store import fs
 
@@ -91,7 +92,11 @@ def kill_trial(cluster, data_dir: str, checkpoint: str, rng: random.Random, env_
         time.sleep(pause)
         out["cells_at_kill"] = markers(product) if fs.exists(lease_path(product)) else 0
         out["job_running_at_kill"] = proc.poll() is None
-        victim = rng.choice(sorted(cluster.workers))
+        name = rng.choice(sorted(cluster.workers))  # drawn in either case: one random stream
+        if victim == "actor":
+            name = cluster.node_running("CellPredictor") or name
+        out["actor_node"] = cluster.node_running("CellPredictor")
+        victim = name
         out["killed"] = victim
         out["killed_processes"] = cluster.kill_node(victim)
         out["kill_s"] = round(time.time() - t0, 1)

@@ -117,6 +117,20 @@ class LoopbackCluster:
                 pass
         return list(procs.values())
 
+    def node_running(self, title: str) -> str | None:
+        """The worker node one of whose processes has ``title`` in its command line (Ray names an
+        actor's process ``ray::<Class>``), or None."""
+        import psutil
+
+        for name in sorted(self.workers):
+            for p in self.node_processes(name):
+                try:
+                    if title in " ".join(p.cmdline()):
+                        return name
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+        return None
+
     def kill_node(self, name: str) -> int:
         """SIGKILL worker node ``name`` (its raylet, workers and agents); returns how many processes."""
         import psutil

@@ -62,7 +62,9 @@ def test_worker_node_killed_mid_run_ten_times_product_identical(harness, referen
     rng = random.Random(int(os.environ.get("GUM_KILL_SEED", "12")))
     results = []
     for k in range(int(os.environ.get("GUM_KILL_TRIALS", "10"))):
-        rec = sc.kill_trial(cluster, f"{root}/kill-{k}", f"{root}/gum.pth", rng, env)
+        # every other trial kills the node of the model actor (its replacement is then exercised)
+        rec = sc.kill_trial(cluster, f"{root}/kill-{k}", f"{root}/gum.pth", rng, env,
+                            victim="actor" if k % 2 == 0 else "random")
         got = sc.product_files(f"{root}/kill-{k}/product.zarr") if rec["rc"] == 0 else {}
         results.append((rec["rc"], got == reference, rec["killed"], rec["cells_at_kill"]))
         assert rec["rc"] == 0, rec["log_tail"]

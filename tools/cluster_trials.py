@@ -31,6 +31,8 @@ def main() -> int:
     ap.add_argument("--head-cpus", type=int, default=0,
                     help="CPUs of the head node (0: every task and model actor runs on the workers, "
                          "so a killed node takes the model actor or tasks with it)")
+    ap.add_argument("--victim", choices=("random", "actor", "alternate"), default="random",
+                    help="the worker node killed: a random one, the model actor's, or alternately")
     ap.add_argument("--no-faults-run", action="store_true", help="skip the injected-fault run")
     ap.add_argument("--json", help="write every trial's record here")
     ap.add_argument("--reference-dir", default=os.path.join(tempfile.gettempdir(), "gum-trials-reference"),
@@ -61,14 +63,16 @@ def main() -> int:
             print("|---|---|---|---|---|---|---|---|", flush=True)
             for k in range(1, args.trials + 1):
                 data = f"gs://gum/trial-{k}"
-                rec = sc.kill_trial(cluster, data, "gs://gum/gum.pth", rng, env)
+                victim = args.victim if args.victim != "alternate" else ("actor" if k % 2 else "random")
+                rec = sc.kill_trial(cluster, data, "gs://gum/gum.pth", rng, env, victim=victim)
                 got = sc.product_files(data + "/product.zarr") if rec["rc"] == 0 else {}
                 rec["identical"] = got == ref
                 rec["missing_or_different"] = sorted(
                     key for key in set(ref) | set(got) if ref.get(key) != got.get(key))[:10]
                 rec.update(sc.summary_numbers(rec["log_tail"]))
                 records.append(rec)
-                print(f"| {k} | {rec['killed']} ({rec['killed_processes']} processes, "
+                actor = " (the model actor's)" if rec["killed"] == rec.get("actor_node") else ""
+                print(f"| {k} | {rec['killed']}{actor} ({rec['killed_processes']} processes, "
                       f"{rec['kill_s']} s in) | {rec['cells_at_kill']} of {sc.N_CELLS} | "
                       f"{rec['cluster_retries']} | {rec['actors_replaced']} | {rec['set_aside']} | "
                       f"{rec['wall_s']} | {'yes' if rec['identical'] else 'NO'} (rc {rec['rc']}) |",
