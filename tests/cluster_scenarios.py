@@ -71,7 +71,7 @@ def markers(product: str) -> int:
 
 def kill_trial(cluster, data_dir: str, checkpoint: str, rng: random.Random, env_vars: dict[str, str],
                timeout_s: float = 900, victim: str = "random") -> dict:
-    """Submit the job; once a random number of cells (0 .. N-2) is committed and a random pause
+    """Submit the job; once a random number of cells (0 .. N-3) is committed and a random pause
     more, SIGKILL a worker node (``victim``: a random one, or ``"actor"``: the one running the model
     actor); add a node back; wait for the job. Returns what happened."""
     from gum_ray.mapping.lease import lease_path
@@ -81,8 +81,8 @@ def kill_trial(cluster, data_dir: str, checkpoint: str, rng: random.Random, env_
     entry = [sys.executable, str(REPO / "pipelines" / "continental.py"), *job_args(data_dir, checkpoint)]
     t0 = time.time()
     proc = cluster.submit(entry, env_vars=env_vars, wait=False, cwd="/tmp")
-    kill_after = rng.randint(0, N_CELLS - 2)
-    pause = rng.uniform(0.0, 3.0)
+    kill_after = rng.randint(0, N_CELLS - 3)  # cells committed before the kill; then a short pause
+    pause = rng.uniform(0.0, 1.0)
     out: dict = {"kill_after_cells": kill_after, "pause_s": round(pause, 2)}
     try:
         while time.time() - t0 < timeout_s and proc.poll() is None:
