@@ -173,7 +173,10 @@ class LoopbackCluster:
         return r
 
     def stop(self) -> None:
+        import shutil
+
         stop_cluster(self.tmp)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # its logs and object spill folders
 
     def __enter__(self) -> "LoopbackCluster":
         try:

@@ -46,7 +46,6 @@ def main() -> int:
     from tests.multinode import LoopbackCluster
 
     rng = random.Random(args.seed)
-    work = Path(tempfile.mkdtemp(prefix="gum-trials-"))
     ckpt = sc.demo_checkpoint()
     t = time.time()
     ref = sc.reference_run(Path(args.reference_dir), ckpt)
