@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gum_ray.errors import InputError
+from gum_ray.urls import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,15 @@ _LATLON_CRS = (
 
 def load_geojson(obj: str | Path | dict[str, Any], source: str | None = None) -> tuple[Any, str]:
     """Parse a GeoJSON file path, GeoJSON text or an already parsed object; returns (data, name)."""
+    if isinstance(obj, str) and is_remote(obj):  # a gs:// object: read whole, same checks
+        from gum_ray.urls import read_remote
+
+        data = read_remote(obj, MAX_AOI_BYTES, "AOI file")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise InputError(f"AOI file {obj}: is not UTF-8 text; GeoJSON is UTF-8 JSON") from None
+        return _parse_json(text, f"AOI file {obj}"), source or obj
     if isinstance(obj, (str, Path)) and not str(obj).lstrip().startswith("{"):
         path = Path(obj)
         src = source or str(path)

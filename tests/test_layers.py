@@ -14,8 +14,9 @@ MAX_LINES = 800
 #: layers from the bottom up; a module may import its own layer and the layers below, never above
 #: (aoi, checkpoint_io/_convert, input_checks and viewer came with issues 13 and 15; quiet with 9)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("grid, bands, imagery", ("gum_ray.version", "gum_ray.quiet", "gum_ray.errors", "gum_ray.bands", "gum_ray.grid",
-                              "gum_ray.aoi", "gum_ray.landmask", "gum_ray.imagery", "gum_ray.warp", "gum_ray.configs")),
+    ("grid, bands, imagery", ("gum_ray.version", "gum_ray.quiet", "gum_ray.urls", "gum_ray.errors", "gum_ray.bands",
+                              "gum_ray.grid", "gum_ray.aoi", "gum_ray.landmask", "gum_ray.imagery", "gum_ray.warp",
+                              "gum_ray.configs")),
     ("model, inference", ("gum_ray.network", "gum_ray.model", "gum_ray.checkpoint_io", "gum_ray.checkpoint_convert",
                           "gum_ray.input_checks",
                           "gum_ray.inference", "gum_ray.training")),

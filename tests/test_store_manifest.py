@@ -93,6 +93,20 @@ def test_failures_are_counted_and_set_aside(store_root):
     assert sorted(attempts) == [1, 2, 3, 4]
 
 
+def test_failure_counts_do_not_carry_over_between_runs(store_root):
+    m = Manifest(store_root)
+    for _ in range(3):
+        m.record_failure(2020, CELL, "quota", run_id="run1")  # set aside by the first run
+    assert m.attempts(2020, CELL, "run1") == 3 and m.attempts(2020, CELL, "run2") == 0
+    assert m.set_aside(2020, max_attempts=3) == {CELL.id}
+    # the next run starts the count again: one failure does not set the cell aside
+    assert m.record_failure(2020, CELL, "quota", run_id="run2", extra={"stage": "predict"}) == 1
+    assert m.failure_counts(2020) == {CELL.id: 3}
+    assert m.set_aside_errors(2020, max_attempts=3) == {CELL.id: "quota"}
+    commit(m, 2020)  # the second run maps it
+    assert m.set_aside(2020, max_attempts=3) == set() and m.set_aside_errors(2020, 3) == {}
+
+
 def test_bad_cell_id(store_root):
     with pytest.raises(InputError):
         Manifest(store_root).is_done(2020, "12/34")

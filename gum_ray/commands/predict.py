@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
 
     pairs = plan_outputs(args.input, args.output)
     settings = settings_from_args(args)
-    model = load_model(args.checkpoint)
+    from gum_ray.store.checkpoints import local_checkpoint
+
+    model = load_model(local_checkpoint(args.checkpoint))  # a gs:// checkpoint: fetched, then cached
     if args.products == "yes" and not needs_products(model):
         raise InputError(
             f"--products yes: checkpoint {args.checkpoint} is a 10-channel model; give the "

@@ -37,9 +37,7 @@ def run(args: argparse.Namespace) -> int:
     report = {}
     for year in product.years:
         st = manifest.status(year, cells, max_attempts=max_attempts)
-        fails = manifest.failures(year)
-        aside = {cid: recs[-1].error for cid, recs in fails.items()
-                 if len(recs) >= max_attempts and not manifest.is_done(year, cid)}
+        aside = manifest.set_aside_errors(year, max_attempts)  # one listing, a read per set-aside cell
         stale = manifest.stale_overviews(year, product.settings.overview_levels)
         st["overview_shards_missing"] = {lv: len(sh) for lv, sh in stale.items() if sh}
         report[year] = {**st, "errors": aside}

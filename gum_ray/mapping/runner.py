@@ -32,7 +32,7 @@ from gum_ray.grid import Cell, cells_for_aoi, check_cell_cap, pixel_area_rows
 from gum_ray.mapping.job import MapJob
 from gum_ray.mapping.lease import RunLease
 from gum_ray.mapping.overviews import build_stale_overviews
-from gum_ray.mapping.stages import CellPredictor, fetch_cell, write_cell
+from gum_ray.mapping.stages import CellPredictor, StageFailed, fetch_cell, is_cluster_error, write_cell
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ class Summary:
     empty: int = 0
     set_aside: int = 0
     retried: int = 0
+    cluster_retries: int = 0  # tries lost to the cluster (node or actor gone), not counted against cells
+    actors_replaced: int = 0
     remaining: int = 0
     overview_shards: int = 0  # overview shards built (stale ones, whichever run committed their cells)
     km2: float = 0.0
@@ -194,7 +196,8 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
     from gum_ray.quiet import ray_logging_level, ray_runtime_env
 
     kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False,
-                              "runtime_env": ray_runtime_env(), "logging_level": ray_logging_level()}
+                              "runtime_env": _job_runtime_env(ray_runtime_env()),
+                              "logging_level": ray_logging_level()}
     where = address or os.environ.get("RAY_ADDRESS")
     if where and where not in ("auto", "local"):
         _check_reachable(where)
@@ -212,6 +215,23 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
             f"cannot reach the Ray cluster at {where} ({str(exc).splitlines()[0][:160]}); start it "
             "(`ray start --head`) or leave --ray-address out to run on a local Ray"
         ) from None
+
+
+#: node-local settings a driver must not hand to the workers of other nodes
+NODE_LOCAL_ENV = ("GUM_CHECKPOINT_CACHE",)
+
+
+def _job_runtime_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """Our runtime env without node-local variables, and without the variables the submitted job's
+    own runtime env sets (``ray job submit --runtime-env-json``): Ray refuses to merge the two when
+    a key is in both, and the job's value is the one the submitter meant."""
+    env_vars = {k: v for k, v in runtime_env.get("env_vars", {}).items() if k not in NODE_LOCAL_ENV}
+    try:
+        injected = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "") or "{}")
+        job_vars = ((injected.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        job_vars = {}
+    return {**runtime_env, "env_vars": {k: v for k, v in env_vars.items() if k not in job_vars}}
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -236,10 +256,18 @@ def _remote_stages(job: MapJob, n_gpus: float):
         return fetch_cell(job, year, row, col)
 
     @ray.remote(num_cpus=0.5, max_retries=0)
-    def gum_write(job, year, row, col, predicted, sha, times, run_id, lease_generation):
+    def gum_write(job, year, row, col, boxed, sha, times, run_id, lease_generation):
+        # the prediction comes boxed (a list holding its ref), so a failed prediction is reported
+        # as the predict stage's, not as this task's
+        try:
+            predicted = ray.get(boxed[0])
+        except Exception as exc:  # noqa: BLE001 - re-raised as the predict stage's failure
+            raise _stage_failed("predict", exc) from None
         return write_cell(job, year, row, col, predicted, sha, times, run_id, lease_generation)
 
-    opts: dict[str, Any] = {"max_restarts": 1, "max_task_retries": 0}
+    # no automatic restarts: a dead actor leaves the rotation and the driver starts a replacement
+    # (which is loaded and warmed up before it is given a cell)
+    opts: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}
     if n_gpus >= 1:
         opts["num_gpus"] = 1
         opts["num_cpus"] = 1
@@ -249,17 +277,64 @@ def _remote_stages(job: MapJob, n_gpus: float):
     return gum_fetch, gum_write, GumInferActor
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """The error a Ray task raised (its cause), else ``exc`` itself."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError) and getattr(exc, "cause", None) is not None:
+        return exc.cause
+    return exc
+
+
+def _stage_failed(stage: str, exc: BaseException) -> StageFailed:
+    err = _unwrap(exc)
+    if isinstance(err, StageFailed):
+        return err
+    return StageFailed(stage, type(err).__name__, str(err).splitlines()[0][:500] if str(err) else "",
+                       is_cluster_error(err))
+
+
+def cluster_nodes() -> int:
+    """The alive nodes of the Ray cluster this process is connected to."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_shared_paths(job: MapJob, checkpoint: str, nodes: int) -> None:
+    """On a cluster of more than one node every path a task opens must be shared (``gs://``):
+    refused before anything runs otherwise, with what to do."""
+    from gum_ray.store import fs
+
+    if nodes <= 1:
+        return
+    paths = [("checkpoint", checkpoint, "--checkpoint"), ("product", job.product, "--product or --data-dir"),
+             ("imagery cache", job.cache, "--cache or --data-dir")]
+    if job.source == "geotiff":
+        paths.append(("geotiff exports", str(job.source_kwargs().get("path", "")), "--source-option path="))
+    for what, path, flag in paths:
+        if path and not fs.is_remote(path):
+            hint = ""
+            if what == "checkpoint":
+                hint = (f" (upload it once: gcloud storage cp {checkpoint} gs://BUCKET/gum.pth, then "
+                        "--checkpoint gs://BUCKET/gum.pth; the synthetic world's demo model too)")
+            raise InputError(
+                f"{what} {path} is on this node only, but the Ray cluster has {nodes} nodes: give a "
+                f"gs:// path with {flag}{hint}", param=what.split()[-1])
+
+
 def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = None,
             log_every_s: float = 10.0) -> Summary:
     """Run ``job`` to completion (resuming); returns the summary. See the module docstring."""
     import ray
 
     from gum_ray.network import check_compatible, load_model
+    from gum_ray.store.checkpoints import local_checkpoint
 
     t0 = time.time()
     source = job.make_source()  # validates the source options before anything is written
-    checkpoint = job.resolved_checkpoint(source)
-    model = load_model(checkpoint)
+    checkpoint = job.resolved_checkpoint(source)  # a local path or a gs:// object
+    model = load_model(local_checkpoint(checkpoint))  # a remote one is fetched into this node's cache
     check_compatible(model, source.with_products, what=f"the {job.source} source")
     sha = model.provenance()["checkpoint_sha256"]
     del model
@@ -267,6 +342,7 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
     _check_existing_product(job)
     connected_here = connect_ray(ray_address, job)
     try:
+        check_shared_paths(job, checkpoint, cluster_nodes())
         return _run_connected(job, source, cells, checkpoint, sha, t0, live, log_every_s)
     finally:
         if connected_here:  # a local Ray started for this run stops with it
@@ -370,6 +446,86 @@ def _record_run(job: MapJob, lease: RunLease, cells: list[Cell], started: str,
 
 
 READY_AHEAD = 32
+#: tries of a cell lost to the cluster (a node or actor gone) in one run before they count against it
+MAX_CLUSTER_RETRIES = 10
+ACTOR_START_TIMEOUT_S = 900.0
+
+
+class _ModelActors:
+    """The model actors: created, loaded and warmed up before use; a dead one leaves the rotation
+    and a new one takes its place (once it is loaded)."""
+
+    def __init__(self, actor_cls, n: int, threads: int, job: MapJob, checkpoint: str, sha: str):
+        self.make = lambda: actor_cls.options(num_cpus=threads).remote(job, checkpoint, threads, sha)
+        self.actors: list[Any] = [None] * n
+        self.gen = [0] * n  # bumped on each replacement: results of an old actor are told apart
+        self.load = [0] * n
+        self.ready = [False] * n
+        self.starting: dict[Any, int] = {}  # ready() ref -> slot
+        self.replaced = 0
+        for i in range(n):
+            self._start(i)
+
+    def _start(self, i: int) -> None:
+        self.actors[i] = self.make()
+        self.ready[i] = False
+        self.load[i] = 0
+        self.starting[self.actors[i].ready.remote()] = i
+
+    def replace(self, i: int, gen: int) -> None:
+        """Replace the actor of slot ``i`` if it is still the one of generation ``gen``."""
+        import ray
+
+        if self.gen[i] != gen:
+            return  # replaced already
+        try:
+            ray.kill(self.actors[i], no_restart=True)
+        except Exception:  # noqa: BLE001 - it is gone already
+            pass
+        self.gen[i] += 1
+        self.replaced += 1
+        log.warning("model actor %d lost; starting a replacement", i)
+        self._start(i)
+
+    def started(self, ref) -> None:
+        """A ready() ref finished: the slot joins the rotation, or (lost at start) is restarted;
+        a loading error stops the run."""
+        import ray
+
+        i = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - a loading error or a lost actor
+            err = _unwrap(exc)
+            if is_cluster_error(err):
+                self.gen[i] += 1
+                self.replaced += 1
+                self._start(i)
+                return
+            raise GumError(f"the model cannot be loaded on the cluster: {str(err).splitlines()[0][:400]}") from None
+        self.ready[i] = True
+
+    def pick(self) -> int | None:
+        """The least loaded ready actor with room (two cells queued at most), or None."""
+        best = None
+        for i in range(len(self.actors)):
+            if self.ready[i] and self.load[i] < 2 and (best is None or self.load[i] < self.load[best]):
+                best = i
+        return best
+
+    def wait_all_ready(self, lease: RunLease) -> None:
+        import ray
+
+        deadline = time.time() + ACTOR_START_TIMEOUT_S
+        while self.starting:
+            done, _ = ray.wait(list(self.starting), num_returns=1, timeout=1.0)
+            for ref in done:
+                self.started(ref)
+            lease.beat()
+            if time.time() > deadline:
+                raise GumError(
+                    f"the model actors did not start within {ACTOR_START_TIMEOUT_S:.0f} s: the cluster "
+                    "has no free CPU/GPU for them (see `ray status`); add nodes or lower --infer-actors")
 
 
 def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> None:
@@ -382,25 +538,56 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
     # torch threads = the CPUs the actor holds: more would oversubscribe the cores that the fetch
     # and write tasks run on (OpenMP spin-waits make that far slower than it looks)
     threads = job.threads_per_actor or 1
-    actors = [GumInferActor.options(num_cpus=threads).remote(job, checkpoint, threads)
-              for _ in range(n_actors)]
-    actor_load = [0] * n_actors
+    actors = _ModelActors(GumInferActor, n_actors, threads, job, checkpoint, sha)
+    # loaded and warmed up before the first fetch: a checkpoint that cannot load stops the run
+    # here, before any imagery is fetched (no Earth Engine quota spent)
+    actors.wait_all_ready(lease)
     fetching: dict[Any, tuple[int, Cell, float]] = {}
     ready: collections.deque[tuple[int, Cell, dict]] = collections.deque()
-    inferring: dict[Any, tuple[int, Cell, int, dict]] = {}
-    writing: dict[Any, tuple[int, Cell]] = {}
+    inferring: dict[Any, tuple[int, Cell, int, int, dict]] = {}
+    writing: dict[Any, tuple[int, Cell, int, int]] = {}
+    attempts: collections.Counter = collections.Counter()  # this run's failures per (year, cell)
+    cluster_fails: collections.Counter = collections.Counter()
 
-    def fail(year: int, cell: Cell, exc: BaseException) -> None:
-        err = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
-        attempt = manifest.record_failure(year, cell, err)
+    def fail(year: int, cell: Cell, stage: str, exc: BaseException) -> None:
+        err = _stage_failed(stage, exc)
+        key = (year, cell.id)
+        if err.cluster and cluster_fails[key] < MAX_CLUSTER_RETRIES:
+            # the cluster's fault (a node or actor lost): tried again, not counted against the cell
+            cluster_fails[key] += 1
+            summary.cluster_retries += 1
+            todo.append((year, cell))
+            log.warning("cell %s year %s: %s lost to the cluster (%s); queued again", cell.id, year,
+                        err.stage, err)
+            return
+        attempts[key] += 1
+        manifest.record_failure(year, cell, f"{err.error_type}: {err.message}",
+                                extra={"stage": err.stage, "cluster": err.cluster}, run_id=lease.run_id)
+        attempt = attempts[key]
         if attempt < job.max_attempts:
             summary.retried += 1
             todo.append((year, cell))
         else:
             summary.set_aside += 1
-            summary.errors[f"{year}/{cell.id}"] = f"{type(err).__name__}: {str(err)[:300]}"
-        log.warning("cell %s year %s failed (attempt %d of %d): %s", cell.id, year, attempt,
-                    job.max_attempts, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+            summary.errors[f"{year}/{cell.id}"] = f"{err.stage}: {err.error_type}: {err.message[:300]}"
+        log.warning("cell %s year %s failed in %s (attempt %d of %d): %s", cell.id, year, err.stage,
+                    attempt, job.max_attempts, err.message[:200] or err.error_type)
+
+    def finish_write(ref) -> None:
+        year, cell, i, gen = writing.pop(ref)
+        try:
+            res = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - recorded against the cell, or the cluster's
+            err = _stage_failed("write", exc)
+            if err.stage == "predict" and err.cluster and err.error_type != "LeaseLost":
+                actors.replace(i, gen)  # its actor is gone: out of the rotation, replaced
+            fail(year, cell, "write", err)
+            return
+        summary.done += 1
+        summary.rates.add(res)
+        summary.empty += int(res["empty"])
+        summary.written_cells.add((cell.row, cell.col))
+        summary.km2 += cell_km2(cell)
 
     while todo or fetching or ready or inferring or writing:
         # feed each stage while its queue has room
@@ -409,13 +596,12 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
         while todo and len(fetching) < job.fetch_concurrency and len(ready) < READY_AHEAD:
             year, cell = todo.popleft()
             fetching[gum_fetch.remote(job_ref, year, cell.row, cell.col)] = (year, cell, time.time())
-        while ready and min(actor_load) < 2:
-            i = actor_load.index(min(actor_load))
+        while ready and (i := actors.pick()) is not None:
             year, cell, info = ready.popleft()
-            ref = actors[i].predict.remote(year, cell.row, cell.col)
-            inferring[ref] = (year, cell, i, info)
-            actor_load[i] += 1
-        waitable = list(fetching) + list(inferring) + list(writing)
+            ref = actors.actors[i].predict.remote(year, cell.row, cell.col)
+            inferring[ref] = (year, cell, i, actors.gen[i], info)
+            actors.load[i] += 1
+        waitable = list(fetching) + list(inferring) + list(writing) + list(actors.starting)
         done_refs, _ = ray.wait(waitable, num_returns=1, timeout=1.0)
         for ref in done_refs:
             if ref in fetching:
@@ -423,42 +609,30 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
                 try:
                     ready.append((year, cell, ray.get(ref)))
                 except Exception as exc:  # noqa: BLE001 - recorded against the cell
-                    fail(year, cell, exc)
+                    fail(year, cell, "fetch", exc)
+            elif ref in actors.starting:
+                actors.started(ref)
             elif ref in inferring:
-                year, cell, i, info = inferring.pop(ref)
-                actor_load[i] -= 1
+                year, cell, i, gen, info = inferring.pop(ref)
+                if actors.gen[i] == gen:
+                    actors.load[i] -= 1
                 if len(writing) >= job.write_concurrency:
                     # writes are the bottleneck: wait for one before queueing another
                     w_done: list = []
                     while not w_done:  # the lease is checked while waiting
                         w_done, _ = ray.wait(list(writing), num_returns=1, timeout=1.0)
                         lease.beat()
-                    _finish_write(w_done[0], writing, summary, fail)
+                    finish_write(w_done[0])
                 times = {"fetch_s": round(info.get("fetch_s", 0), 3), "fetched": info.get("fetched"),
                          **{k: info[k] for k in ("requests", "request_s", "request_bytes") if k in info}}
-                writing[gum_write.remote(job_ref, year, cell.row, cell.col, ref, sha, times,
-                                         lease.run_id, lease.generation)] = (year, cell)
+                writing[gum_write.remote(job_ref, year, cell.row, cell.col, [ref], sha, times,
+                                         lease.run_id, lease.generation)] = (year, cell, i, gen)
             elif ref in writing:
-                _finish_write(ref, writing, summary, fail)
+                finish_write(ref)
         lease.beat()
         progress.update(summary, {"fetch": len(fetching), "infer": len(inferring) + len(ready),
                                   "write": len(writing)})
-
-
-def _finish_write(ref, writing, summary: Summary, fail) -> None:
-    import ray
-
-    year, cell = writing.pop(ref)
-    try:
-        res = ray.get(ref)
-    except Exception as exc:  # noqa: BLE001 - recorded against the cell
-        fail(year, cell, exc)
-        return
-    summary.done += 1
-    summary.rates.add(res)
-    summary.empty += int(res["empty"])
-    summary.written_cells.add((cell.row, cell.col))
-    summary.km2 += cell_km2(cell)
+    summary.actors_replaced = actors.replaced
 
 
 def iter_summary_lines(s: Summary, job: MapJob) -> Iterator[str]:
@@ -469,6 +643,9 @@ def iter_summary_lines(s: Summary, job: MapJob) -> Iterator[str]:
     rates = s.rates.line()
     if rates:
         yield rates
+    if s.cluster_retries or s.actors_replaced:
+        yield (f"  {s.cluster_retries} tries lost to the cluster (a node or model actor gone; not counted "
+               f"against the cells), {s.actors_replaced} model actors replaced")
     if s.remaining:
         yield f"  {s.remaining} cells left for later runs (--max-cells {job.max_cells}); run again to go on"
     for key, err in sorted(s.errors.items()):

@@ -60,20 +60,73 @@ def fetch_cell(job: MapJob, year: int, row: int, col: int, source=None) -> dict[
             "request_s": float(req.get("request_seconds", 0.0)), "request_bytes": int(req.get("bytes", 0))}
 
 
+class StageFailed(Exception):
+    """A cell's failure in a stage before the one that reports it (the write task reports a
+    prediction that failed): ``stage`` (fetch / predict / write), ``cluster`` (the cluster's fault:
+    an actor or node lost, not the cell's), and the original error's type and message."""
+
+    def __init__(self, stage: str, error_type: str, message: str, cluster: bool):
+        super().__init__(stage, error_type, message, cluster)
+        self.stage, self.error_type, self.message, self.cluster = stage, error_type, message, cluster
+
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}"
+
+
+#: Ray's errors that are the cluster's, not the cell's: a worker, actor, node or object lost
+CLUSTER_ERRORS = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "NodeDiedError",
+                  "WorkerCrashedError", "LocalRayletDiedError", "OwnerDiedError", "ObjectLostError",
+                  "ObjectFetchTimedOutError", "ObjectReconstructionFailedError",
+                  "ObjectReconstructionFailedMaxAttemptsExceededError",
+                  "ObjectReconstructionFailedLineageEvictedError", "ReferenceCountingAssertionError",
+                  "TaskUnschedulableError", "ActorUnschedulableError", "RaySystemError",
+                  "LeaseLost")
+
+
+def is_cluster_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the cluster's fault (see :data:`CLUSTER_ERRORS`), not the cell's."""
+    if isinstance(exc, StageFailed):
+        return exc.cluster
+    return any(t.__name__ in CLUSTER_ERRORS for t in type(exc).__mro__)
+
+
 class CellPredictor:
-    """The model and the inference engine for one worker; predicts cached cells."""
+    """The model and the inference engine for one worker; predicts cached cells.
 
-    def __init__(self, job: MapJob, checkpoint: str, threads: int | None = None):
-        import torch
+    The checkpoint may be a ``gs://`` object: it is fetched once per node into the local cache and
+    checked against ``sha256`` (the driver's). A checkpoint that cannot be loaded does not kill the
+    actor: :meth:`ready` raises the loading error, so the driver stops the run with its one line.
+    """
 
-        from gum_ray.inference import InferenceEngine
-        from gum_ray.network import load_model
-
-        if threads:
-            torch.set_num_threads(threads)
+    def __init__(self, job: MapJob, checkpoint: str, threads: int | None = None,
+                 sha256: str | None = None):
         self.job = job
-        self.model = load_model(checkpoint)
-        self.engine = InferenceEngine(self.model, job.inference)
+        self.error: BaseException | None = None
+        try:
+            import torch
+
+            from gum_ray.inference import InferenceEngine
+            from gum_ray.network import load_model
+            from gum_ray.store.checkpoints import local_checkpoint
+
+            if threads:
+                torch.set_num_threads(threads)
+            self.model = load_model(local_checkpoint(checkpoint, sha256))
+            self.engine = InferenceEngine(self.model, job.inference)
+        except Exception as exc:  # noqa: BLE001 - reported by ready()
+            self.error = exc
+
+    def ready(self) -> dict[str, Any]:
+        """Raise the loading error, if any; else run the network once (a warm-up) and say so."""
+        if self.error is not None:
+            raise self.error
+        import os
+        import socket
+
+        t0 = time.perf_counter()
+        x = np.zeros((self.engine.in_channels, 256, 256), np.float32)
+        self.engine.predict(x)
+        return {"host": socket.gethostname(), "pid": os.getpid(), "warmup_s": time.perf_counter() - t0}
 
     def predict(self, year: int, row: int, col: int) -> Prediction:
         """P(urban) of the cached imagery of (year, cell) on its UTM grid, float16, NaN = no data."""

@@ -126,8 +126,23 @@ def parse_points(obj: Any, source: str = "points") -> list[Point]:
     return points
 
 
+MAX_POINTS_BYTES = 256 * 2**20
+
+
 def read_points(path: str | os.PathLike[str]) -> list[Point]:
-    """Read and validate a points GeoJSON file (see :func:`parse_points`)."""
+    """Read and validate a points GeoJSON file, local or ``gs://`` (see :func:`parse_points`)."""
+    from gum_ray.urls import is_remote
+
+    if is_remote(path):
+        from gum_ray.urls import read_remote
+
+        data = read_remote(str(path), MAX_POINTS_BYTES, "points file")
+        try:
+            obj = json.loads(data.decode("utf-8-sig"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InputError(f"points file {path}: not valid GeoJSON ({str(exc)[:160]}); give a "
+                             "FeatureCollection of Points") from None
+        return parse_points(obj, source=f"points file {path}")
     p = Path(path)
     if not p.exists():
         raise NotFoundError(f"points file {p}: no such file; give a GeoJSON FeatureCollection of Points")

@@ -34,9 +34,10 @@ Executor = Literal["inline", "local", "ray"]
 class Labeler:
     """The model's probability and class on a patch (the pseudo-label); the model loads lazily."""
 
-    def __init__(self, checkpoint: str, settings: Any = None):
+    def __init__(self, checkpoint: str, settings: Any = None, sha256: str | None = None):
         self.checkpoint = str(checkpoint)
         self.settings = settings
+        self.sha256 = sha256  # the driver's: a gs:// checkpoint is fetched once per node, checked
         self._engine = None
         self._lock = threading.Lock()
 
@@ -46,8 +47,10 @@ class Labeler:
             if self._engine is None:
                 from gum_ray.inference import InferenceEngine
                 from gum_ray.network import load_model
+                from gum_ray.store.checkpoints import local_checkpoint
 
-                self._engine = InferenceEngine(load_model(self.checkpoint), self.settings)
+                # a gs:// checkpoint is fetched once per node into the local cache
+                self._engine = InferenceEngine(load_model(local_checkpoint(self.checkpoint, self.sha256)), self.settings)
         return self._engine
 
     def label(self, imagery: Imagery) -> tuple[np.ndarray, np.ndarray]:
@@ -143,12 +146,13 @@ class PatchReport:
 class _Context:
     """What a worker needs, built once per process (the source, the labeller, the dataset)."""
 
-    def __init__(self, job: PatchJob, checkpoint: str | None, limiter: Any = None):
+    def __init__(self, job: PatchJob, checkpoint: str | None, limiter: Any = None,
+                 sha256: str | None = None):
         self.job = job
         self.source = job.make_source()
         if limiter is not None:
             self.source.use_limiter(limiter)
-        self.labeler = Labeler(checkpoint, job.inference) if checkpoint else None
+        self.labeler = Labeler(checkpoint, job.inference, sha256) if checkpoint else None
         self.dataset = PatchDataset(job.out)
 
 
@@ -156,13 +160,14 @@ _CONTEXTS: dict[tuple[str, str | None], _Context] = {}
 _CONTEXTS_LOCK = threading.Lock()
 
 
-def _context(job: PatchJob, checkpoint: str | None, limiter: Any = None) -> _Context:
+def _context(job: PatchJob, checkpoint: str | None, limiter: Any = None,
+             sha256: str | None = None) -> _Context:
     key = (repr(dataclasses.replace(job, points=job.points[:1])), checkpoint)  # all but the points
     with _CONTEXTS_LOCK:
         ctx = _CONTEXTS.get(key)
         if ctx is None:
             _CONTEXTS.clear()  # one job per worker process at a time
-            ctx = _CONTEXTS[key] = _Context(job, checkpoint, limiter)
+            ctx = _CONTEXTS[key] = _Context(job, checkpoint, limiter, sha256)
         return ctx
 
 
@@ -202,7 +207,7 @@ def _safe_make_patch(point: Point, job: PatchJob, checkpoint: str | None, sha: s
                      limiter: Any = None) -> PatchOutcome:
     t0 = time.perf_counter()
     try:
-        return make_patch(point, _context(job, checkpoint, limiter), sha)
+        return make_patch(point, _context(job, checkpoint, limiter, sha), sha)
     except Exception as exc:  # noqa: BLE001 - one failing point must not stop the run
         log.debug("patch %s failed", point.id, exc_info=True)
         msg = str(exc) if isinstance(exc, GumError) else f"{type(exc).__name__}: {exc}"
@@ -262,7 +267,9 @@ def run_patches(
     checkpoint = job.resolved_checkpoint(source)
     sha = spec = None
     if checkpoint is not None:
-        model = load_model(checkpoint)  # validate before any fetch (clear error, once)
+        from gum_ray.store.checkpoints import local_checkpoint
+
+        model = load_model(local_checkpoint(checkpoint))  # validate before any fetch (clear error, once)
         check_compatible(model, source.with_products, what=f"the {job.source} source")
         sha, spec = model.provenance()["checkpoint_sha256"], model.provenance()["spec"]
         del model

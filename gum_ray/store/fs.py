@@ -25,13 +25,7 @@ import fsspec  # noqa: E402
 from fsspec.implementations.local import LocalFileSystem  # noqa: E402
 
 from gum_ray.errors import InputError  # noqa: E402
-
-REMOTE_PROTOCOLS = ("gs", "gcs")
-
-
-def is_remote(path: str | os.PathLike[str]) -> bool:
-    """True for ``gs://`` / ``gcs://`` URLs."""
-    return str(path).split("://", 1)[0] in REMOTE_PROTOCOLS and "://" in str(path)
+from gum_ray.urls import REMOTE_PROTOCOLS, gcs_storage_options, is_remote  # noqa: E402,F401
 
 
 def normalize(path: str | os.PathLike[str]) -> str:
@@ -57,13 +51,6 @@ def join(root: str, *parts: str) -> str:
     if is_remote(root):
         return posixpath.join(root.rstrip("/"), *parts)
     return str(Path(root, *parts))
-
-
-def gcs_storage_options() -> dict[str, Any]:
-    """gcsfs options: anonymous against an emulator (``STORAGE_EMULATOR_HOST``), default creds else."""
-    if os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default"):
-        return {"token": "anon"}
-    return {}
 
 
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -3,8 +3,13 @@
 Layout under the product root::
 
     _manifest/<year>/<cell_id>.json                        commit marker: the cell is done
-    _manifest/failed/<year>/<cell_id>/attempt-<n>.json     one record per failed attempt
+    _manifest/failed/<year>/<cell_id>/<run_id>-attempt-<n>.json   one record per failed attempt
     _manifest/overviews/<year>/<level>/<shard_id>.json     an overview shard is built over n cells
+
+Failures count per run: a cell's attempts are those of one run (the run id is in the record's
+name, so counting is a listing, never a read), so a cell set aside by one run gets
+``max_attempts`` fresh tries in the next. (``attempt-<n>.json`` without a run id: older records,
+counted as one run.)
 
 A cell is done when its marker exists. The marker is written **after** the cell's data, with a
 create-only write (a conditional upload on GCS, a hard link locally), so it needs no lock and a
@@ -44,7 +49,7 @@ FAILED_DIR = "failed"
 OVERVIEW_DIR = "overviews"
 MARKER_VERSION = 1
 DEFAULT_MAX_ATTEMPTS = 3
-_ATTEMPT = re.compile(r"^attempt-(\d+)\.json$")
+_ATTEMPT = re.compile(r"^(?:(?P<run>[A-Za-z0-9_]+)-)?attempt-(?P<n>\d+)\.json$")
 _CELL = re.compile(r"^r(\d+)c(\d+)$")
 _SHARD = re.compile(r"^r(\d+)c(\d+)\.json$")
 
@@ -220,8 +225,10 @@ class Manifest:
         error: BaseException | str,
         *,
         extra: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
     ) -> int:
-        """Record a failed attempt at (year, cell); returns its attempt number (1, 2, ...).
+        """Record a failed attempt at (year, cell) by run ``run_id``; returns its attempt number in
+        that run (1, 2, ...).
 
         Each attempt is its own create-only object, so concurrent recorders never overwrite
         each other.
@@ -232,12 +239,16 @@ class Manifest:
             tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))[-8000:]
         else:
             message, etype, tb = str(error), "str", ""
-        attempt = self.attempts(year, cell) + 1
+        if run_id is not None and not re.match(r"^[A-Za-z0-9_]+$", run_id):
+            raise InputError(f"run id {run_id!r}: letters, digits and _ only")
+        attempt = self.attempts(year, cell, run_id) + 1
+        prefix = f"{run_id}-" if run_id else ""
         while True:
             record = {
                 "year": int(year),
                 "cell_id": cell.id,
                 "attempt": attempt,
+                "run_id": run_id,
                 "error": message,
                 "error_type": etype,
                 "traceback": tb,
@@ -246,14 +257,16 @@ class Manifest:
                 "software": {"gum_ray": __version__},
                 **dict(extra or {}),
             }
-            path = fs.join(self._failed_dir(year, cell), f"attempt-{attempt}.json")
+            path = fs.join(self._failed_dir(year, cell), f"{prefix}attempt-{attempt}.json")
             if fs.create_only(path, json.dumps(_jsonable(record), indent=1).encode()):
                 return attempt
             attempt += 1
 
-    def attempts(self, year: int, cell: Cell | str) -> int:
-        """Number of failed attempts recorded for (year, cell)."""
-        return len([n for n in fs.list_names(self._failed_dir(year, cell)) if _ATTEMPT.match(n)])
+    def attempts(self, year: int, cell: Cell | str, run_id: str | None = None) -> int:
+        """Failed attempts recorded for (year, cell) by run ``run_id`` (None: the records without a
+        run id)."""
+        return sum(1 for n in fs.list_names(self._failed_dir(year, cell))
+                   if (m := _ATTEMPT.match(n)) and m["run"] == run_id)
 
     def failures(self, year: int) -> dict[str, list[FailureRecord]]:
         """Failure records of ``year`` by cell id, attempts in order (one recursive listing)."""
@@ -276,17 +289,43 @@ class Manifest:
                 )
             )
         for recs in out.values():
-            recs.sort(key=lambda r: r.attempt)
+            recs.sort(key=lambda r: (r.time, r.attempt))
         return out
 
     def failure_counts(self, year: int) -> dict[str, int]:
-        """Failed attempts per cell id for ``year`` (listing only, no reads)."""
-        counts: dict[str, int] = {}
+        """Failed attempts per cell id for ``year``: of the run that failed it most often (failures
+        do not carry over between runs); one recursive listing, no reads."""
+        per_run: dict[tuple[str, str | None], int] = {}
         for rel in fs.find(self._failed_dir(year)):
             parts = rel.split("/")
-            if len(parts) == 2 and _ATTEMPT.match(parts[1]):
-                counts[parts[0]] = counts.get(parts[0], 0) + 1
+            if len(parts) == 2 and (m := _ATTEMPT.match(parts[1])):
+                key = (parts[0], m["run"])
+                per_run[key] = per_run.get(key, 0) + 1
+        counts: dict[str, int] = {}
+        for (cid, _), n in per_run.items():
+            counts[cid] = max(counts.get(cid, 0), n)
         return counts
+
+    def set_aside_errors(self, year: int, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict[str, str]:
+        """The last error of each cell of ``year`` set aside (not committed): one listing, then one
+        read per set-aside cell (not one per failure record)."""
+        done = self.done(year)
+        last: dict[str, tuple[int, str]] = {}
+        per_run: dict[tuple[str, str | None], int] = {}
+        for rel in fs.find(self._failed_dir(year)):
+            parts = rel.split("/")
+            if len(parts) == 2 and (m := _ATTEMPT.match(parts[1])) and parts[0] not in done:
+                key = (parts[0], m["run"])
+                per_run[key] = per_run.get(key, 0) + 1
+                if per_run[key] >= max_attempts and int(m["n"]) >= last.get(parts[0], (0, ""))[0]:
+                    last[parts[0]] = (int(m["n"]), rel)
+        out = {}
+        for cid, (_, rel) in sorted(last.items()):
+            try:
+                out[cid] = json.loads(fs.read_bytes(fs.join(self._failed_dir(year), rel))).get("error", "")
+            except (FileNotFoundError, ValueError):
+                out[cid] = ""
+        return out
 
     def set_aside(self, year: int, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> set[str]:
         """Cells of ``year`` that failed ``max_attempts`` times or more and are not committed."""
