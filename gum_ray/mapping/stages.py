@@ -71,7 +71,7 @@ class CellPredictor:
         if threads:
             torch.set_num_threads(threads)
         self.job = job
-        self.model = load_model(checkpoint)
+        self.model = load_model(checkpoint, family=job.model)
         self.engine = InferenceEngine(self.model, job.inference)
 
     def predict(self, year: int, row: int, col: int) -> Prediction:
@@ -90,7 +90,7 @@ class CellPredictor:
         return Prediction(
             pred.probability.astype(np.float16), None, imagery.geobox,
             {"source_dates": imagery.provenance.get("dates"), "predict_s": time.perf_counter() - t0,
-             "crops": self.engine.crops_run},
+             "crops": self.engine.crops_run, "model_family": self.model.family},
         )
 
 
@@ -123,7 +123,8 @@ def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction
         source=job.source,
         source_dates=list(dates) if isinstance(dates, (list, tuple)) else None,
         times={"write_s": round(time.perf_counter() - t0, 3), **(extra_times or {})},
-        extra={"run_id": run_id, "lease_generation": lease_generation} if run_id else None,
+        extra={"model_family": predicted.provenance.get("model_family"),
+               **({"run_id": run_id, "lease_generation": lease_generation} if run_id else {})},
     )
     return {"committed": committed, "empty": result.empty, "urban_px": result.urban_px,
             "valid_px": result.valid_px, "write_s": time.perf_counter() - t0}
