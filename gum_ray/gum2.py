@@ -30,7 +30,7 @@ missing modalities: a pixel whose Sentinel-1 is wholly missing (no S1 band finit
 normalised S1 channels = 0, the value the network was trained with for "no S1" (the notebook's
 NaN -> 0 dB would give about 0.92-1.0 instead). A pixel without Sentinel-2 needs nothing extra: NaN
 -> 0 already is the training's "no S2". Every pixel with all bands finite is the notebook's, bit for
-bit.
+bit; with ``--seed-settings`` (:meth:`Gum2.as_notebook`) every pixel is, missing S1 included.
 
 **Validity** (:func:`validity_mask`): a pixel is mapped when it has Sentinel-2 *or* Sentinel-1
 (a modality counts as present when any of its bands is finite); the network was trained to map
@@ -86,11 +86,12 @@ MODALITY_SLICES = {"s2": slice(0, 4), "s1": slice(4, 8), "topo": slice(8, 10)}
 # --------------------------------------------------------------------------------- preprocessing
 
 
-def preprocess(export: np.ndarray) -> np.ndarray:
+def preprocess(export: np.ndarray, *, mask_missing: bool = True) -> np.ndarray:
     """GUM export (11 or 14 bands, H, W) -> GUM 2.0 input (10, H, W) float32, the notebook's way.
 
-    Product bands of a 14-band export are ignored. Plain array arithmetic (numpy); the constants are
-    the module-level arrays above.
+    ``mask_missing`` (default): a pixel without Sentinel-1 gets the training's mask value for it
+    (normalised 0); False: the notebook to the bit (NaN -> 0 dB). Product bands of a 14-band export
+    are ignored. Plain array arithmetic (numpy); the constants are the module-level arrays above.
 
     Raises:
         InputError: not a (bands, H, W) GUM export.
@@ -106,9 +107,10 @@ def preprocess(export: np.ndarray) -> np.ndarray:
     out[4:8] = (s1 - S1_VMIN) / (S1_VMAX - S1_VMIN)
     np.clip(x[bands.SLOPE] / SLOPE_DIVISOR, 0.0, 1.0, out=out[8])
     np.clip(x[bands.ASPECT] / ASPECT_DIVISOR, 0.0, 1.0, out=out[9])
-    no_s1 = ~np.isfinite(raw[bands.S1_SLICE]).any(axis=0)
-    if no_s1.any():
-        out[4:8, no_s1] = MASK_VALUE
+    if mask_missing:
+        no_s1 = ~np.isfinite(raw[bands.S1_SLICE]).any(axis=0)
+        if no_s1.any():
+            out[4:8, no_s1] = MASK_VALUE
     return out
 
 
@@ -383,13 +385,26 @@ def save_network(net: nn.Module, path: str | Path, spec: Gum2Spec, meta: dict[st
     return file_sha256(path)
 
 
-def randomize(net: UNetResMultiEnc, seed: int = 0, calibrate_on: np.ndarray | None = None) -> UNetResMultiEnc:
+def _crops(img: np.ndarray, limit: int = 8) -> torch.Tensor:
+    """Up to ``limit`` crops of 256 px (the last on each axis pulled back; the whole image if
+    smaller) of a (10, H, W) image, at least two (BatchNorm after the PSP head's 1 x 1 pool)."""
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+    ch, cw = min(256, t.shape[1]) // 16 * 16, min(256, t.shape[2]) // 16 * 16
+    ys = sorted({min(y, t.shape[1] - ch) for y in range(0, t.shape[1], ch)})
+    xs = sorted({min(x, t.shape[2] - cw) for x in range(0, t.shape[2], cw)})
+    batch = torch.stack([t[:, y : y + ch, x : x + cw] for y in ys for x in xs])[:limit]
+    return torch.cat([batch, batch.flip(-1)]) if batch.shape[0] == 1 else batch
+
+
+def randomize(net: UNetResMultiEnc, seed: int = 0, calibrate_on: np.ndarray | None = None,
+              size: int = 256, centre_on: np.ndarray | None = None) -> UNetResMultiEnc:
     """Random weights with calibrated BN statistics, so the prediction varies with the input (tests,
     benchmarks, the start of a demo model).
 
-    BN running statistics are measured on ``calibrate_on`` (preprocessed imagery (10, H, W), at least
-    256 px a side) or on smooth random fields; the classifier's bias is then centred so that about
-    half the calibration pixels are urban.
+    BN running statistics are measured on ``calibrate_on`` (preprocessed imagery (10, H, W): up to
+    eight of its 256 px crops, or the whole image if smaller) or on two smooth random fields of
+    ``size`` px; the classifier's bias is then centred so that about half the pixels of
+    ``centre_on`` (default: the calibration crops) are urban.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -403,13 +418,10 @@ def randomize(net: UNetResMultiEnc, seed: int = 0, calibrate_on: np.ndarray | No
                     m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
     if calibrate_on is None:
         rng = np.random.default_rng(seed)
-        coarse = torch.from_numpy(rng.uniform(0.0, 1.0, (4, IN_CHANNELS, 16, 16)).astype(np.float32))
-        batch = torch.nn.functional.interpolate(coarse, size=(256, 256), mode="bilinear")
+        coarse = torch.from_numpy(rng.uniform(0.0, 1.0, (2, IN_CHANNELS, 16, 16)).astype(np.float32))
+        batch = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
     else:
-        img = torch.from_numpy(np.ascontiguousarray(calibrate_on, dtype=np.float32))
-        h, w = img.shape[1] // 256 * 256, img.shape[2] // 256 * 256
-        tiles = img[:, :h, :w].unfold(1, 256, 256).unfold(2, 256, 256)
-        batch = tiles.permute(1, 2, 0, 3, 4).reshape(-1, IN_CHANNELS, 256, 256)[:8]
+        batch = _crops(calibrate_on)
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.reset_running_stats()
@@ -421,7 +433,7 @@ def randomize(net: UNetResMultiEnc, seed: int = 0, calibrate_on: np.ndarray | No
         m.momentum = 0.1
     net.eval()
     with torch.no_grad():
-        logits = net(batch)
+        logits = net(batch if centre_on is None else _crops(centre_on, 4))
         shift = float((logits[:, 1] - logits[:, 0]).median())
         net.decode_head.conv_seg.bias[1] -= shift / 2
         net.decode_head.conv_seg.bias[0] += shift / 2
@@ -442,7 +454,7 @@ class Gum2:
     family = FAMILY
 
     def __init__(self, module: UNetResMultiEnc, *, path: str | None = None, sha256: str | None = None,
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, notebook: bool = False) -> None:
         if not isinstance(module, UNetResMultiEnc):
             raise TypeError(f"expected a GUM 2.0 network (UNetResMultiEnc), got {type(module).__name__}")
         self._module = module
@@ -450,6 +462,13 @@ class Gum2:
         self.path = path
         self.sha256 = sha256
         self.meta = dict(meta or {})
+        #: preprocess as the mapping notebook to the bit (a missing S1 is 0 dB, not the mask value 0)
+        self.notebook = notebook
+
+    def as_notebook(self) -> "Gum2":
+        """The same model (shared weights) preprocessing exactly as the authors' mapping notebook:
+        what :meth:`gum_ray.inference.InferenceSettings.seed` runs."""
+        return Gum2(self._module, path=self.path, sha256=self.sha256, meta=self.meta, notebook=True)
 
     @classmethod
     def load(cls, path: str | Path, *, raw: Any = None) -> "Gum2":
@@ -468,11 +487,15 @@ class Gum2:
 
     @classmethod
     def random(cls, spec: Gum2Spec | int = GUM2_RELEASED, seed: int = 0,
-               calibrate_on: np.ndarray | None = None) -> "Gum2":
-        """Random weights (:func:`randomize`) at ``spec`` (or a base width, PSP channels width / 4)."""
+               calibrate_on: np.ndarray | None = None, size: int = 256,
+               centre_on: np.ndarray | None = None) -> "Gum2":
+        """Random weights at ``spec`` (or a base width, PSP channels width / 4), BN statistics
+        calibrated on ``calibrate_on`` or on random fields of ``size`` px, the classifier centred on
+        ``centre_on`` (:func:`randomize`)."""
         if isinstance(spec, int):
             spec = Gum2Spec(spec, max(1, spec // 4))
-        return cls(randomize(build_network(spec), seed, calibrate_on), meta={"note": f"random weights, seed {seed}"})
+        net = randomize(build_network(spec), seed, calibrate_on, size, centre_on)
+        return cls(net, meta={"note": f"random weights, seed {seed}"})
 
     @property
     def in_channels(self) -> int:
@@ -493,7 +516,7 @@ class Gum2:
         return nn.ModuleList([m.s2_encoder, m.s1_encoder, m.topo_encoder])
 
     def preprocess(self, export: np.ndarray) -> np.ndarray:
-        return preprocess(export)
+        return preprocess(export, mask_missing=not self.notebook)
 
     def validity(self, export: np.ndarray) -> np.ndarray:
         return validity_mask(export)

@@ -17,6 +17,10 @@ A model family (GUM 1, :class:`gum_ray.model.Gum1`; GUM 2.0, :class:`gum_ray.gum
 ``save(path, meta)``    write the weights as a checkpoint of the family; returns the file's sha256
 ======================  ==============================================================================
 
+A family whose default preprocessing differs from its authors' notebook (GUM 2.0 masks a missing
+modality as it was trained) also offers ``as_notebook()``: the same weights, preprocessing as the
+notebook; the engine uses it under ``InferenceSettings.notebook_preprocessing`` (the seed settings).
+
 The compatibility rule between a model and imagery lives here, once: the imagery must carry every
 band the model requires (:func:`check_compatible`); extra bands are not an error (a 10-channel model
 ignores the product bands of 14-band imagery). ``gum map``, ``gum patches``, ``gum predict``,
