@@ -271,3 +271,16 @@ def test_gum_predict_seed_settings_equals_the_notebook_on_the_whole_real_scene(t
     assert mapped.mean() > 0.99 and (label[~mapped] == 255).all()
     differ = int((label[mapped] != reference[mapped]).sum())
     assert differ == 0, f"{differ} of {int(mapped.sum())} pixels differ from the notebook's inference"
+
+
+def test_convert_checkpoint_writes_a_tensors_only_gum2_file(tmp_path, tiny):
+    from gum_ray.checkpoint_convert import convert_checkpoint
+    from gum_ray.checkpoint_io import file_sha256
+
+    src = authors_checkpoint(tmp_path / "GUM_2p0.pth", tiny.module)
+    sha, loaded = convert_checkpoint(src, tmp_path / "GUM_2p0.safetensors")
+    model = load_model(tmp_path / "GUM_2p0.safetensors")
+    assert isinstance(model, Gum2) and model.provenance()["checkpoint_sha256"] == sha
+    assert model.meta["source_sha256"] == file_sha256(src) and model.meta["family"] == "gum2"
+    for k, v in tiny.module.state_dict().items():
+        assert torch.equal(model.module.state_dict()[k], v), k

@@ -76,3 +76,24 @@ def test_bad_gum2_input_is_one_line_and_writes_nothing(tmp_path, ckpts, scene, c
     assert len(lines) == 1 and lines[0].startswith("gum: error: ") and want in lines[0], lines
     assert "Traceback" not in r.stderr
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["map", "patches", "finetune"])
+def test_every_command_that_takes_a_checkpoint_refuses_the_wrong_forced_family(tmp_path, ckpts, command):
+    out = tmp_path / "out"
+    args = {
+        "map": ["map", "--bbox", "7.60", "47.55", "7.62", "47.57", "--year", "2021", "--data-dir", out,
+                "--checkpoint", ckpts / "gum1.pth", "--no-preview", "--quiet"],
+        "patches": ["patches", "--points", tmp_path / "pts.geojson", "--year", "2021", "--out", out,
+                    "--checkpoint", ckpts / "gum1.pth", "--quiet"],
+        "finetune": ["finetune", "--init", ckpts / "gum1.pth", "--data", tmp_path / "none", "--out",
+                     tmp_path / "tuned.pth", "--quiet"],
+    }[command]
+    (tmp_path / "pts.geojson").write_text(
+        '{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"id": "a"}, '
+        '"geometry": {"type": "Point", "coordinates": [7.61, 47.56]}}]}')
+    r = gum_cli(*args, "--model", "gum2")
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "is a GUM 1 checkpoint, not the GUM 2.0 asked for (--model gum2)" in lines[0], lines
+    assert not out.exists() and not (tmp_path / "tuned.pth").exists()
