@@ -2,8 +2,8 @@
 """Inference speed, side by side in one run, on the same image and the same (random) GUM weights.
 
   (a)  the seed notebook's path: mmseg init_model + test_step([tensor]), slide 256/256, batch 1, fp32
-  (b)  gum-ray at the seed's settings (stride 256, no window, logits averaged, fp32, NCHW):
-       bit-exact with (a), so the same kernels; batched
+  (b)  gum-ray at the seed's settings (stride 256, no window, logits averaged, fp32, NCHW, batch 1):
+       bit-exact with (a), so the same kernels
   (b') gum-ray, the seed's crop geometry (stride 256) with mixed precision + channels_last
   (c)  gum-ray at its defaults (stride 192, Hann-blended probabilities, precision auto)
   (f)  the batched forward alone (random crops, batch --forward-batch, mixed precision): the
@@ -196,12 +196,11 @@ def main() -> int:
         for _ in range(args.repeats):
             ta, ref = run_seed(seed_cfg, str(ckpt), export, args.device)
             best_a = min(best_a, ta)
-            tb, pred_b, _ = run_engine(model, InferenceSettings.seed(device=args.device, batch_size=args.batch_size),
-                                       export)
+            tb, pred_b, _ = run_engine(model, InferenceSettings.seed(device=args.device), export)
             best_b = min(best_b, tb)
         mismatch = int((pred_b.label != ref).sum())
         rows.append(("(a) seed path (mmseg test_step, 256/256, batch 1, fp32)", best_a, n_seed, "fp32", "-", fpc))
-        rows.append((f"(b) gum-ray seed settings (fp32 NCHW, batch {args.batch_size})", best_b, n_seed, "fp32",
+        rows.append(("(b) gum-ray seed settings (fp32 NCHW, batch 1)", best_b, n_seed, "fp32",
                      f"{mismatch} px differ from (a)", fpc))
         rows.extend(engine_rows(model, export, args, mixed, n_seed, ref, "(a)", fpc, ""))
         rows.append(forward_row(model, args, fb, iters, mixed, fpc, ""))
@@ -213,10 +212,9 @@ def main() -> int:
         notes.append(f"GUM 2.0 {fpc2 / 1e9:.1f} GFLOP per crop ({fpc2 / CROP**2 / 1e6:.2f} MFLOP/px)")
         best_b2 = float("inf")
         for _ in range(args.repeats):
-            tb2, pred_n, _ = run_engine(g2, InferenceSettings.seed(device=args.device, batch_size=args.batch_size),
-                                        export)
+            tb2, pred_n, _ = run_engine(g2, InferenceSettings.seed(device=args.device), export)
             best_b2 = min(best_b2, tb2)
-        rows.append((f"(b) GUM 2.0 seed settings = notebook (fp32 NCHW, batch {args.batch_size})", best_b2, n_seed,
+        rows.append(("(b) GUM 2.0 seed settings = the notebook (fp32 NCHW, batch 1)", best_b2, n_seed,
                      "fp32", "= notebook (tests/test_gum2.py)", fpc2))
         rows.extend(engine_rows(g2, export, args, mixed, n_seed, pred_n.label, "(b) GUM 2.0", fpc2,
                                 "GUM 2.0 "))

@@ -21,8 +21,10 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--merge", choices=("probability", "logits"), default="probability",
                    help="blend softmax probabilities (default) or average logits as mmseg does")
     g.add_argument("--seed-settings", action="store_true",
-                   help="reproduce the seed notebook: stride 256, no window, logits averaged, fp32")
-    g.add_argument("--batch-size", type=int, default=8, help="crops per forward pass (default 8)")
+                   help="reproduce the seed notebook (GUM 2.0: the authors' mapping notebook): stride 256, "
+                        "no window, logits averaged, fp32, batch 1, the notebook's preprocessing")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="crops per forward pass (default 8; 1 with --seed-settings, as the notebook)")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto = bf16 where the device has it (fp16 on older GPUs), else fp32")
@@ -43,7 +45,9 @@ def settings_from_args(args: argparse.Namespace):
     from gum_ray.inference import InferenceSettings
 
     layout = {"auto": None, "on": True, "off": False}[args.channels_last]
-    common = dict(batch_size=args.batch_size, device=args.device, compile=args.compile)
+    common = dict(device=args.device, compile=args.compile)
+    if args.batch_size is not None:
+        common["batch_size"] = args.batch_size
     if args.seed_settings:
         return InferenceSettings.seed(**common, **({} if layout is None else {"channels_last": layout}))
     common["channels_last"] = layout
