@@ -1,4 +1,5 @@
-"""``gum convert-checkpoint``: a checkpoint's GUM weights into a tensors-only (safetensors) file.
+"""``gum convert-checkpoint``: a checkpoint's GUM weights (GUM 1 or GUM 2.0) into a tensors-only
+(safetensors) file.
 
 The one place gum-ray may unpickle a file fully, and only with ``trust=True`` (the user vouches for
 the file): every other read goes through :func:`gum_ray.checkpoint_io.read_checkpoint`. The output
@@ -22,7 +23,9 @@ from gum_ray.checkpoint_io import (
     write_tensors_only,
 )
 from gum_ray.errors import InputError
-from gum_ray.model import extract_state_dict, infer_spec, load_checkpoint
+from gum_ray import gum2 as gum2_module
+from gum_ray.gum2 import is_gum2_state_dict
+from gum_ray.model import LoadedModel, extract_state_dict, infer_spec, load_checkpoint
 from gum_ray.version import __version__
 
 
@@ -69,13 +72,17 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, trust: bool = False,
         raw = load_trusted_pickle(src)
         trusted_load = True
     sd = extract_state_dict(raw, src)
-    spec = infer_spec(sd, src)
+    gum2 = is_gum2_state_dict(sd)
+    if gum2:  # the authors' training-only head is not part of the network
+        sd = {k: v for k, v in sd.items() if not k.startswith(gum2_module.TRAINING_HEAD_PREFIX)}
+    spec = gum2_module.infer_spec(sd, src) if gum2 else infer_spec(sd, src)
     meta = raw.get("meta") if isinstance(raw, dict) else None
     metadata = {
         "source": src.name,
         "source_sha256": file_sha256(src),
         "source_needed_trust": trusted_load,
         "gum_ray_spec": spec.as_dict(),
+        "family": "gum2" if gum2 else "gum1",
         "converted_by": f"gum-ray {__version__}",
         "source_meta": _json_safe(meta),
     }
@@ -85,7 +92,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, trust: bool = False,
     tmp = Path(tmp_name)
     try:
         write_tensors_only(sd, tmp, metadata)
-        loaded = load_checkpoint(tmp)  # keys, shapes, finite values: a GUM checkpoint or an error
+        # keys, shapes, finite values: a checkpoint of the family or an error
+        if gum2:
+            model = gum2_module.Gum2.load(tmp)
+            loaded = LoadedModel(model.module, spec, model.sha256, str(tmp), model.meta)
+        else:
+            loaded = load_checkpoint(tmp)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)

@@ -97,6 +97,9 @@ class InferenceSettings:
     channels_last: bool | None = None  # None = on with mixed precision, off in fp32 (exactness)
     compile: bool = False
     device: str = "auto"
+    #: preprocess exactly as the family's published notebook, missing modalities included (GUM 2.0:
+    #: a missing Sentinel-1 is 0 dB, not the training's mask value 0); GUM 1's always is the notebook's
+    notebook_preprocessing: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.stride <= CROP:
@@ -110,11 +113,16 @@ class InferenceSettings:
 
     @classmethod
     def seed(cls, **overrides) -> "InferenceSettings":
-        """The seed notebook's settings: stride 256, equal weights, logits averaged, fp32, NCHW.
+        """The seed notebook's settings: stride 256, equal weights, logits averaged, fp32, NCHW, one
+        crop per forward pass, and the notebook's preprocessing (``notebook_preprocessing``).
 
-        With these, the class output equals mmsegmentation's own ``test_step`` pixel for pixel.
+        With these, the class output equals mmsegmentation's own ``test_step`` pixel for pixel (GUM 1),
+        and the GUM 2.0 mapping notebook's inference (GUM 2.0), on every pixel the model maps. Batch 1
+        because oneDNN's fp32 convolutions round differently at other batch sizes (at batch 8, GUM 2.0
+        logits moved by up to 6e-6 and one near-tie pixel of 879,780 flipped class on the real scene).
         """
-        base = dict(stride=CROP, window="none", merge="logits", precision="fp32", channels_last=False)
+        base = dict(stride=CROP, window="none", merge="logits", precision="fp32", channels_last=False,
+                    batch_size=1, notebook_preprocessing=True)
         base.update(overrides)
         return cls(**base)
 
@@ -182,6 +190,8 @@ class InferenceEngine:
             channels_last = self.autocast_dtype is not None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = as_model(model)
+        if self.settings.notebook_preprocessing and hasattr(self.model, "as_notebook"):
+            self.model = self.model.as_notebook()  # a family whose default differs from its notebook
         self.model.module.to(self.device).eval()
         self.model.module.to(memory_format=self.memory_format)
         self.in_channels = int(self.model.in_channels)

@@ -1,7 +1,8 @@
 """Predict GUM export GeoTIFFs into Cloud-Optimized GeoTIFFs (``gum predict``).
 
 Output per input: a COG on the input's grid with band 1 = P(urban) as uint8 percent (0-100) and
-band 2 = class (0/1), 255 = no data in both (pixels without Sentinel-2). Scenes stream through the
+band 2 = class (0/1), 255 = no data in both (pixels the model does not map: without Sentinel-2 under GUM 1,
+without Sentinel-2 and Sentinel-1 under GUM 2.0). Scenes stream through the
 engine in row blocks, so memory does not grow with the scene. Every output is written under a
 temporary name in the destination folder and renamed when complete: an interrupted run never leaves
 a file that looks finished.
@@ -85,7 +86,7 @@ def predict_file(
 
     The scene is read in column strips at most ``strip_px`` wide (plus a crop of context on each
     side) and rows as the engine needs them, so memory does not depend on the width or height a
-    header claims. Strips and crops without any Sentinel-2 pixel are not run.
+    header claims. Strips and crops without any pixel the model maps are not run.
     """
     if output_path.exists() and not overwrite:
         return PredictResult(input_path, output_path, skipped=True)
@@ -108,8 +109,8 @@ def predict_file(
             profile = _output_profile(src)
             with rasterio.open(plain, "w", **profile) as dst:
                 for r0, r1, k0, k1 in strips:
-                    if not _strip_has_data(src, r0, r1, rows_per_block):
-                        # no Sentinel-2 anywhere in the strip: no crops; its blocks stay no data
+                    if not _strip_has_data(src, r0, r1, rows_per_block, model):
+                        # no pixel the model maps anywhere in the strip: no crops; blocks stay no data
                         if progress is not None:
                             progress(crop_count(src.height, r1 - r0, stride))
                         continue
@@ -143,6 +144,7 @@ def predict_file(
                     gum_ray_version=__version__,
                     checkpoint_sha256=prov["checkpoint_sha256"],
                     checkpoint=prov["checkpoint"],
+                    model_family=prov["family"],
                     settings=json.dumps(engine.settings.as_dict(), sort_keys=True),
                     source=os.path.basename(str(input_path)),
                     model_channels=str(model.in_channels),
@@ -150,7 +152,8 @@ def predict_file(
                 dst.update_tags(1, units="percent", meaning="P(urban) x 100, 255 = no data")
                 dst.update_tags(2, meaning="1 = urban, 0 = not urban, 255 = no data")
             if not wrote_any:
-                log.warning("%s: no pixel has Sentinel-2 data (all NaN or no data): the output is all "
+                log.warning("%s: no pixel has the data the model needs (Sentinel-2 for GUM 1; Sentinel-2 or "
+                            "Sentinel-1 for GUM 2.0): the output is all "
                             "no data (255); %d crops were run", input_path, engine.crops_run - crops_before)
             cog_tmp = Path(tmpdir) / "cog.tif"
             # nearest overviews: band 2 holds classes
@@ -164,7 +167,7 @@ def predict_file(
 
 def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFile, model,
                cols: tuple[int, int] | None = None) -> np.ndarray:
-    """Validity (has Sentinel-2) of rows [y0, y0 + n) of the column strip ``cols`` (default the
+    """Validity (the model's rule) of rows [y0, y0 + n) of the column strip ``cols`` (default the
     whole width), from blocks already read, else re-read."""
     c0, c1 = cols if cols is not None else (0, src.width)
     out = np.zeros((n, c1 - c0), dtype=bool)
@@ -197,17 +200,23 @@ def strip_windows(width: int, strip_px: int = STRIP_PX, halo: int = CROP) -> lis
             for k0 in range(0, width, strip_px)]
 
 
-def _strip_has_data(src: ExportFile, x0: int, x1: int, rows: int) -> bool:
-    """Whether any pixel of columns [x0, x1) has all four Sentinel-2 bands (read in row blocks)."""
+def _strip_has_data(src: ExportFile, x0: int, x1: int, rows: int, model) -> bool:
+    """Whether any pixel of columns [x0, x1) is one the model maps (read in row blocks; for GUM 1
+    only the four Sentinel-2 bands are read)."""
+    s2_only = getattr(model, "family", None) == "gum1"
     s2 = list(range(bands.S2_SLICE.start + 1, bands.S2_SLICE.stop + 1))
     for y0 in range(0, src.height, rows):
-        if np.isfinite(src.read_window(y0, min(y0 + rows, src.height), x0, x1, s2)).all(axis=0).any():
+        y1 = min(y0 + rows, src.height)
+        if s2_only:
+            if np.isfinite(src.read_window(y0, y1, x0, x1, s2)).all(axis=0).any():
+                return True
+        elif model.validity(src.read_window(y0, y1, x0, x1)).any():
             return True
     return False
 
 
 def _any_valid(valid_rows: dict[int, np.ndarray], y: int, x: int) -> bool:
-    """Whether the crop at (y, x) holds any pixel with Sentinel-2, from the blocks read so far."""
+    """Whether the crop at (y, x) holds any pixel the model maps, from the blocks read so far."""
     for top, block in valid_rows.items():
         a, b = max(top, y), min(top + block.shape[0], y + CROP)
         if a < b and block[a - top : b - top, x : x + CROP].any():

@@ -2,19 +2,24 @@
 """Inference speed, side by side in one run, on the same image and the same (random) GUM weights.
 
   (a)  the seed notebook's path: mmseg init_model + test_step([tensor]), slide 256/256, batch 1, fp32
-  (b)  gum-ray at the seed's settings (stride 256, no window, logits averaged, fp32, NCHW):
-       bit-exact with (a), so the same kernels; batched
+  (b)  gum-ray at the seed's settings (stride 256, no window, logits averaged, fp32, NCHW, batch 1):
+       bit-exact with (a), so the same kernels
   (b') gum-ray, the seed's crop geometry (stride 256) with mixed precision + channels_last
   (c)  gum-ray at its defaults (stride 192, Hann-blended probabilities, precision auto)
   (f)  the batched forward alone (random crops, batch --forward-batch, mixed precision): the
        engine's ceiling, and the number the GPU MFU goal is about
 
+and the same rows (b), (b'), (c), (f) for GUM 2.0 (``--family``; random weights of the released width,
+BN calibrated on the image): its seed settings equal the authors' notebook (asserted by
+tests/test_gum2.py), so (b) is the notebook's arithmetic, batched.
+
 Mpx/s counts image pixels per second (crops overlap, so crop pixels are more). MFU = model FLOPs
-(1.51 MFLOP per crop pixel) per second / peak: on CUDA the nominal dense peak of the device for the
+(GUM 1: 1.51 MFLOP per crop pixel, GUM 2.0: 1.08) per second / peak: on CUDA the nominal dense peak of the device for the
 precision; on the CPU the measured rate of a large GEMM in the same precision (a practical peak).
 
     .venv/bin/python tools/bench_infer.py                     # CPU, the Aberystwyth scene
     .venv/bin/python tools/bench_infer.py --device cuda       # on a GPU
+    .venv/bin/python tools/bench_infer.py --family gum2       # GUM 2.0 rows only
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from gum_ray import bands  # noqa: E402
 from gum_ray.export_io import open_export  # noqa: E402
 from gum_ray.inference import (CROP, InferenceEngine, InferenceSettings, crop_count,  # noqa: E402
                                flops_per_crop, resolve_precision)
+from gum_ray.gum2 import GUM2_RELEASED, Gum2  # noqa: E402
 from gum_ray.model import CONFIG_DIR, GUM_10, load_checkpoint, random_checkpoint  # noqa: E402
 
 DEFAULT_IMAGE = REPO.parent / "shared" / "realdata" / "aberystwyth_2021-05-27_gum11.tif"
@@ -90,9 +96,9 @@ def run_seed(config: str, ckpt: str, export: np.ndarray, device: str) -> tuple[f
 def run_engine(model, settings: InferenceSettings, export: np.ndarray):
     engine = InferenceEngine(model, settings)
     # warm-up on one crop (kernels, autocast caches); not timed, as the seed's model init is not
-    engine.predict(bands.preprocess(export[:, :CROP, :CROP]))
+    engine.predict(engine.model.preprocess(export[:, :CROP, :CROP]))
     t = time.perf_counter()
-    pred = engine.predict(bands.preprocess(export))
+    pred = engine.predict(engine.model.preprocess(export))
     sync(engine.device)
     return time.perf_counter() - t, pred, engine
 
@@ -111,6 +117,41 @@ def run_forward(model, device: str, batch: int, iters: int, precision: str, comp
     return (time.perf_counter() - t) / iters, engine
 
 
+def gum2_random(export: np.ndarray) -> Gum2:
+    """GUM 2.0 at the released width with random weights: BN calibrated on the image with smooth
+    random Sentinel-1 (a scene without S1 would leave the S1 encoder's statistics degenerate), the
+    classifier centred on the image as the notebook preprocesses it."""
+    from gum_ray.gum2 import preprocess
+
+    x = preprocess(export, mask_missing=False)
+    cal = x.copy()
+    coarse = torch.from_numpy(np.random.default_rng(11).uniform(0, 1, (1, 4, 16, 16)).astype(np.float32))
+    cal[4:8] = torch.nn.functional.interpolate(coarse, size=x.shape[1:], mode="bilinear")[0].numpy()
+    return Gum2.random(GUM2_RELEASED, seed=11, calibrate_on=cal, centre_on=x)
+
+
+def engine_rows(model, export, args, mixed, n_seed, ref_label, ref_name, fpc, prefix):
+    """(b') the seed geometry under mixed precision (with the notebook's preprocessing, so that it
+    differs from (b) by rounding only) and (c) the defaults."""
+    out = []
+    notebook = model.as_notebook() if hasattr(model, "as_notebook") else model
+    tb2, pred_b2, _ = run_engine(notebook, InferenceSettings(stride=256, window="none", merge="logits", device=args.device,
+                                                          batch_size=args.batch_size, precision="auto"), export)
+    out.append((f"(b') {prefix}seed geometry, {mixed} autocast + channels_last, batch {args.batch_size}", tb2, n_seed,
+                mixed, f"{int((pred_b2.label != ref_label).sum())} px differ from {ref_name}", fpc))
+    tc, _, eng_c = run_engine(model, InferenceSettings(device=args.device, batch_size=args.batch_size,
+                                                       compile=args.compile), export)
+    out.append((f"(c) {prefix}gum-ray defaults (stride {eng_c.settings.stride}, hann, {mixed}, batch {args.batch_size})",
+                tc, eng_c.crops_run - 1, mixed, "-", fpc))
+    return out
+
+
+def forward_row(model, args, fb, iters, mixed, fpc, prefix):
+    tf, _ = run_forward(model, args.device, fb, iters, "auto", args.compile)
+    return (f"(f) {prefix}batched forward, batch {fb}, {mixed}" + (" compiled" if args.compile else ""), tf, fb,
+            mixed, "crop-Mpx/s", fpc)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default=str(DEFAULT_IMAGE), help="a GUM export GeoTIFF")
@@ -120,6 +161,8 @@ def main() -> int:
     ap.add_argument("--forward-iters", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="torch.compile in (c) and (f)")
     ap.add_argument("--repeats", type=int, default=1, help="best of N for (a) and (b)")
+    ap.add_argument("--family", choices=("gum1", "gum2", "both"), default="both",
+                    help="model families to measure (default both, GUM 1 first)")
     args = ap.parse_args()
 
     image = Path(args.image)
@@ -130,59 +173,67 @@ def main() -> int:
     with open_export(image) as src:
         export = src.read_rows(0, src.height)
     h, w = export.shape[1:]
-    x = bands.preprocess(export)
     tmp = Path(tempfile.mkdtemp())
-    ckpt = tmp / "gum_random.pth"
-    random_checkpoint(ckpt, GUM_10, seed=11, calibrate_on=x)
-    loaded = load_checkpoint(ckpt)
-    model = loaded.model
-    fpc = flops_per_crop(model)
     mixed = "bf16" if resolve_precision("auto", device) in (torch.bfloat16, None) else "fp16"
     if device.type == "cpu" and resolve_precision("auto", device) is None:
         mixed = "fp32"
-    rows = []
-
-    seed_cfg = str(CONFIG_DIR / "gum_unet_psp.py")
     n_seed = crop_count(h, w, 256)
-    best_a = best_b = float("inf")
-    for _ in range(args.repeats):
-        ta, ref = run_seed(seed_cfg, str(ckpt), export, args.device)
-        best_a = min(best_a, ta)
-        tb, pred_b, _ = run_engine(model, InferenceSettings.seed(device=args.device, batch_size=args.batch_size), export)
-        best_b = min(best_b, tb)
-    mismatch = int((pred_b.label != ref).sum())
-    rows.append(("(a) seed path (mmseg test_step, 256/256, batch 1, fp32)", best_a, n_seed, "fp32", "-"))
-    rows.append((f"(b) gum-ray seed settings (fp32 NCHW, batch {args.batch_size})", best_b, n_seed, "fp32",
-                 f"{mismatch} px differ from (a)"))
-    tb2, pred_b2, _ = run_engine(model, InferenceSettings(stride=256, window="none", merge="logits", device=args.device,
-                                                          batch_size=args.batch_size, precision="auto"), export)
-    rows.append((f"(b') seed geometry, {mixed} autocast + channels_last, batch {args.batch_size}", tb2, n_seed, mixed,
-                 f"{int((pred_b2.label != ref).sum())} px differ from (a)"))
-    tc, pred_c, eng_c = run_engine(model, InferenceSettings(device=args.device, batch_size=args.batch_size,
-                                                            compile=args.compile), export)
-    n_c = eng_c.crops_run - 1
-    rows.append((f"(c) gum-ray defaults (stride {eng_c.settings.stride}, hann, {mixed}, batch {args.batch_size})",
-                 tc, n_c, mixed, "-"))
-
     fb = args.forward_batch or (64 if device.type == "cuda" else 8)
     iters = args.forward_iters or (50 if device.type == "cuda" else 2)
-    tf, _ = run_forward(model, args.device, fb, iters, "auto", args.compile)
-    peaks = {p: peak_flops(device, p) for p in {"fp32", mixed}}
+    rows = []  # (path, seconds, crops, precision, check, flops per crop)
+    notes = []
+    best_a = None
 
+    if args.family in ("gum1", "both"):
+        x = bands.preprocess(export)
+        ckpt = tmp / "gum_random.pth"
+        random_checkpoint(ckpt, GUM_10, seed=11, calibrate_on=x)
+        model = load_checkpoint(ckpt).model
+        fpc = flops_per_crop(model)
+        notes.append(f"GUM 1 {fpc / 1e9:.1f} GFLOP per 256 x 256 crop ({fpc / CROP**2 / 1e6:.2f} MFLOP/px)")
+        seed_cfg = str(CONFIG_DIR / "gum_unet_psp.py")
+        best_a = best_b = float("inf")
+        for _ in range(args.repeats):
+            ta, ref = run_seed(seed_cfg, str(ckpt), export, args.device)
+            best_a = min(best_a, ta)
+            tb, pred_b, _ = run_engine(model, InferenceSettings.seed(device=args.device), export)
+            best_b = min(best_b, tb)
+        mismatch = int((pred_b.label != ref).sum())
+        rows.append(("(a) seed path (mmseg test_step, 256/256, batch 1, fp32)", best_a, n_seed, "fp32", "-", fpc))
+        rows.append(("(b) gum-ray seed settings (fp32 NCHW, batch 1)", best_b, n_seed, "fp32",
+                     f"{mismatch} px differ from (a)", fpc))
+        rows.extend(engine_rows(model, export, args, mixed, n_seed, ref, "(a)", fpc, ""))
+        rows.append(forward_row(model, args, fb, iters, mixed, fpc, ""))
+        del model
+
+    if args.family in ("gum2", "both"):
+        g2 = gum2_random(export)
+        fpc2 = flops_per_crop(g2)
+        notes.append(f"GUM 2.0 {fpc2 / 1e9:.1f} GFLOP per crop ({fpc2 / CROP**2 / 1e6:.2f} MFLOP/px)")
+        best_b2 = float("inf")
+        for _ in range(args.repeats):
+            tb2, pred_n, _ = run_engine(g2, InferenceSettings.seed(device=args.device), export)
+            best_b2 = min(best_b2, tb2)
+        rows.append(("(b) GUM 2.0 seed settings = the notebook (fp32 NCHW, batch 1)", best_b2, n_seed,
+                     "fp32", "= notebook (tests/test_gum2.py)", fpc2))
+        rows.extend(engine_rows(g2, export, args, mixed, n_seed, pred_n.label, "(b) GUM 2.0", fpc2,
+                                "GUM 2.0 "))
+        rows.append(forward_row(g2, args, fb, iters, mixed, fpc2, "GUM 2.0 "))
+
+    peaks = {p: peak_flops(device, p) for p in {"fp32", mixed}}
     print(f"# bench_infer  {time.strftime('%Y-%m-%d')}  device: "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'} "
           f"({torch.get_num_threads()} threads)  torch {torch.__version__}")
-    print(f"# image {image.name}: {w} x {h} px = {h * w / 1e6:.3f} Mpx; GUM network {fpc / 1e9:.1f} GFLOP "
-          f"per 256 x 256 crop ({fpc / CROP**2 / 1e6:.2f} MFLOP/px); peaks: "
+    print(f"# image {image.name}: {w} x {h} px = {h * w / 1e6:.3f} Mpx; " + "; ".join(notes) + "; peaks: "
           + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s ({how})" for p, (v, how) in peaks.items()))
-    print(f"{'path':<66} {'crops':>5} {'s':>7} {'Mpx/s':>8} {'x (a)':>6} {'MFU':>6}  check")
-    for name, t, crops, prec, check in rows:
+    print(f"{'path':<72} {'crops':>5} {'s':>7} {'Mpx/s':>8} {'x (a)':>6} {'MFU':>6}  check")
+    for name, t, crops, prec, check, fpc in rows:
         mfu = crops * fpc / t / peaks[prec][0]
-        print(f"{name:<66} {crops:>5} {t:>7.2f} {h * w / t / 1e6:>8.3f} {best_a / t:>6.2f} {mfu:>6.1%}  {check}")
-    crop_rate = fb / tf
-    mfu_f = crop_rate * fpc / peaks[mixed][0]
-    print(f"{f'(f) batched forward, batch {fb}, {mixed}' + (' compiled' if args.compile else ''):<66} "
-          f"{fb:>5} {tf:>7.3f} {crop_rate * CROP**2 / 1e6:>8.3f} {'':>6} {mfu_f:>6.1%}  crop-Mpx/s")
+        if check == "crop-Mpx/s":  # the batched forward alone: crop pixels per second
+            print(f"{name:<72} {crops:>5} {t:>7.3f} {crops / t * CROP**2 / 1e6:>8.3f} {'':>6} {mfu:>6.1%}  {check}")
+            continue
+        speed = f"{best_a / t:>6.2f}" if best_a else f"{'':>6}"
+        print(f"{name:<72} {crops:>5} {t:>7.2f} {h * w / t / 1e6:>8.3f} {speed} {mfu:>6.1%}  {check}")
     return 0
 
 

@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     sha, loaded = convert_checkpoint(args.source, args.output, trust=args.trust, overwrite=args.overwrite)
     spec = loaded.spec
-    print(f"wrote {args.output} ({spec.in_channels} channels, base {spec.base_channels}; sha256 {sha[:12]}; "
+    base = getattr(spec, "base_channels", None) or getattr(spec, "width", None)
+    family = "GUM 2.0" if loaded.meta.get("family") == "gum2" else "GUM 1"
+    print(f"wrote {args.output} ({family}, {spec.in_channels} channels, base {base}; sha256 {sha[:12]}; "
           f"source sha256 {loaded.meta['source_sha256'][:12]})", file=sys.stderr)
     return 0

@@ -21,8 +21,10 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--merge", choices=("probability", "logits"), default="probability",
                    help="blend softmax probabilities (default) or average logits as mmseg does")
     g.add_argument("--seed-settings", action="store_true",
-                   help="reproduce the seed notebook: stride 256, no window, logits averaged, fp32")
-    g.add_argument("--batch-size", type=int, default=8, help="crops per forward pass (default 8)")
+                   help="reproduce the seed notebook (GUM 2.0: the authors' mapping notebook): stride 256, "
+                        "no window, logits averaged, fp32, batch 1, the notebook's preprocessing")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="crops per forward pass (default 8; 1 with --seed-settings, as the notebook)")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto = bf16 where the device has it (fp16 on older GPUs), else fp32")
@@ -32,11 +34,20 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
                         "(bit-exact with mmseg)")
 
 
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    """``--model gum1|gum2``: force the model family (default: read from the checkpoint)."""
+    p.add_argument("--model", choices=("gum1", "gum2"), default=None,
+                   help="model family of the checkpoint: gum1 (GUM, mmseg UNet) or gum2 (GUM 2.0, "
+                        "three encoders); default: read from the checkpoint itself")
+
+
 def settings_from_args(args: argparse.Namespace):
     from gum_ray.inference import InferenceSettings
 
     layout = {"auto": None, "on": True, "off": False}[args.channels_last]
-    common = dict(batch_size=args.batch_size, device=args.device, compile=args.compile)
+    common = dict(device=args.device, compile=args.compile)
+    if args.batch_size is not None:
+        common["batch_size"] = args.batch_size
     if args.seed_settings:
         return InferenceSettings.seed(**common, **({} if layout is None else {"channels_last": layout}))
     common["channels_last"] = layout
@@ -54,7 +65,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="a GUM export GeoTIFF, or a folder of them")
     p.add_argument("output", help="output .tif (for one input) or folder (<name>_gum.tif each)")
-    p.add_argument("--checkpoint", required=True, help="GUM checkpoint (.pth, mmseg format)")
+    p.add_argument("--checkpoint", required=True,
+                   help="GUM checkpoint (.pth): GUM 1 (mmseg format) or GUM 2.0 (e.g. GUM_2p0.pth)")
+    add_model_argument(p)
     p.add_argument("--products", choices=("auto", "yes", "no"), default="auto",
                    help="use the 3 built-up product bands: auto follows the checkpoint (13 channels "
                         "= yes); 'yes' insists on a 13-channel checkpoint")
@@ -77,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     from gum_ray.store.checkpoints import local_checkpoint
 
-    model = load_model(local_checkpoint(args.checkpoint))  # a gs:// checkpoint: fetched, then cached
+    model = load_model(local_checkpoint(args.checkpoint), family=args.model)  # a gs:// one: fetched, cached
+    if args.products == "yes" and model.family == "gum2":
+        raise InputError(
+            f"--products yes: checkpoint {args.checkpoint} is GUM 2.0, which has no 'with products' "
+            "variant (its terrain encoder takes slope and aspect only); drop --products yes, the "
+            "product bands of a 14-band export are then ignored"
+        )
     if args.products == "yes" and not needs_products(model):
         raise InputError(
             f"--products yes: checkpoint {args.checkpoint} is a 10-channel model; give the "

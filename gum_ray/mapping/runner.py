@@ -334,7 +334,7 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
     t0 = time.time()
     source = job.make_source()  # validates the source options before anything is written
     checkpoint = job.resolved_checkpoint(source)  # a local path or a gs:// object
-    model = load_model(local_checkpoint(checkpoint))  # a remote one is fetched into this node's cache
+    model = load_model(local_checkpoint(checkpoint), family=job.model)  # a remote one: fetched into this node's cache
     check_compatible(model, source.with_products, what=f"the {job.source} source")
     sha = model.provenance()["checkpoint_sha256"]
     del model

@@ -111,7 +111,7 @@ class CellPredictor:
 
             if threads:
                 torch.set_num_threads(threads)
-            self.model = load_model(local_checkpoint(checkpoint, sha256))
+            self.model = load_model(local_checkpoint(checkpoint, sha256), family=job.model)
             self.engine = InferenceEngine(self.model, job.inference)
         except Exception as exc:  # noqa: BLE001 - reported by ready()
             self.error = exc
@@ -142,7 +142,7 @@ class CellPredictor:
         return Prediction(
             pred.probability.astype(np.float16), None, imagery.geobox,
             {"source_dates": imagery.provenance.get("dates"), "predict_s": time.perf_counter() - t0,
-             "crops": self.engine.crops_run},
+             "crops": self.engine.crops_run, "model_family": self.model.family},
         )
 
 
@@ -175,7 +175,8 @@ def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction
         source=job.source,
         source_dates=list(dates) if isinstance(dates, (list, tuple)) else None,
         times={"write_s": round(time.perf_counter() - t0, 3), **(extra_times or {})},
-        extra={"run_id": run_id, "lease_generation": lease_generation} if run_id else None,
+        extra={"model_family": predicted.provenance.get("model_family"),
+               **({"run_id": run_id, "lease_generation": lease_generation} if run_id else {})},
     )
     if not job.keep_cache:  # committed: its imagery is not needed again (unless kept to map again)
         job.imagery_cache().delete(year, cell)

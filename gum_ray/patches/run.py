@@ -34,8 +34,10 @@ Executor = Literal["inline", "local", "ray"]
 class Labeler:
     """The model's probability and class on a patch (the pseudo-label); the model loads lazily."""
 
-    def __init__(self, checkpoint: str, settings: Any = None, sha256: str | None = None):
+    def __init__(self, checkpoint: str, settings: Any = None, sha256: str | None = None,
+                 family: str | None = None):
         self.checkpoint = str(checkpoint)
+        self.family = family
         self.settings = settings
         self.sha256 = sha256  # the driver's: a gs:// checkpoint is fetched once per node, checked
         self._engine = None
@@ -50,7 +52,8 @@ class Labeler:
                 from gum_ray.store.checkpoints import local_checkpoint
 
                 # a gs:// checkpoint is fetched once per node into the local cache
-                self._engine = InferenceEngine(load_model(local_checkpoint(self.checkpoint, self.sha256)), self.settings)
+                self._engine = InferenceEngine(load_model(local_checkpoint(self.checkpoint, self.sha256),
+                                                          family=self.family), self.settings)
         return self._engine
 
     def label(self, imagery: Imagery) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +77,7 @@ class PatchJob:
     source: str = "synthetic"
     source_options: tuple[tuple[str, Any], ...] = ()
     checkpoint: str | None = None
+    model: str | None = None  # model family to insist on ("gum1", "gum2"); None = read from the checkpoint
     inference: Any = None  # InferenceSettings (None = defaults)
     size: int = PATCH_SIZE
     resolution: float = PATCH_RESOLUTION_M
@@ -152,7 +156,7 @@ class _Context:
         self.source = job.make_source()
         if limiter is not None:
             self.source.use_limiter(limiter)
-        self.labeler = Labeler(checkpoint, job.inference, sha256) if checkpoint else None
+        self.labeler = Labeler(checkpoint, job.inference, sha256, job.model) if checkpoint else None
         self.dataset = PatchDataset(job.out)
 
 
@@ -265,13 +269,14 @@ def run_patches(
     check_year(job.year, source="patches")
     source = job.make_source()
     checkpoint = job.resolved_checkpoint(source)
-    sha = spec = None
+    sha = spec = family = None
     if checkpoint is not None:
         from gum_ray.store.checkpoints import local_checkpoint
 
-        model = load_model(local_checkpoint(checkpoint))  # validate before any fetch (clear error, once)
+        model = load_model(local_checkpoint(checkpoint), family=job.model)  # validate before any fetch (clear error, once)
         check_compatible(model, source.with_products, what=f"the {job.source} source")
-        sha, spec = model.provenance()["checkpoint_sha256"], model.provenance()["spec"]
+        prov = model.provenance()
+        sha, spec, family = prov["checkpoint_sha256"], prov["spec"], prov["family"]
         del model
     settings = job.inference or InferenceSettings()
     job = dataclasses.replace(job, inference=settings)
@@ -280,7 +285,7 @@ def run_patches(
         "year": job.year, "patch_size": job.size, "resolution_m": job.resolution,
         "source": source.describe(), "with_products": bool(source.with_products),
         "checkpoint_sha256": sha, "checkpoint": os.path.basename(checkpoint) if checkpoint else None,
-        "model_spec": spec, "inference": settings.as_dict() if checkpoint else None,
+        "model_spec": spec, "model_family": family, "inference": settings.as_dict() if checkpoint else None,
         "min_valid": job.min_valid,
         "labels": ("class = the model's argmax (pseudo-label); label = the user's, where added"
                    if checkpoint else "imagery only: add labels with PatchDataset.set_label"),
