@@ -1,11 +1,16 @@
 """The three stages of a mapping job, as plain Python (Ray wraps them in :mod:`.runner`).
 
 * :func:`fetch_cell`: cell -> its UTM 10 m GeoBox (+ halo) -> imagery source -> imagery cache.
-  Skips the source when the cache already holds the cell (no Earth Engine quota spent twice).
+  Skips the source when the cache already holds the cell (no Earth Engine quota spent twice), made
+  with the same pixel-deciding settings (:meth:`~gum_ray.sources.base.ImagerySource.cache_identity`).
+  The cache does not depend on the model: a new checkpoint (any family) re-maps cached cells into a
+  new product without fetching.
 * :class:`CellPredictor`: cached :class:`~gum_ray.imagery.Imagery` -> the model's preprocessing ->
   overlap-blend inference -> a :class:`~gum_ray.imagery.Prediction` on the UTM grid (P(urban) as
-  float16, NaN = no data). Holds the model; one per GPU (or CPU) as a Ray actor.
-* :func:`write_cell`: the Prediction -> warp -> product grid -> one whole shard -> commit marker.
+  float16, NaN = no data where the model's ``validity`` says so, and the input quality). Holds the
+  model; one per GPU (or CPU) as a Ray actor.
+* :func:`write_cell`: the Prediction -> warp (bilinear P(urban), nearest input quality) -> product
+  grid -> one whole shard per variable -> commit marker.
 
 Fetch and write return a small dict (what happened, timings); errors propagate as exceptions and
 the runner records them against the cell. A source with a shared request cap gets the job's limiter
@@ -51,12 +56,21 @@ def fetch_cell(job: MapJob, year: int, row: int, col: int, source=None) -> dict[
     t0 = time.perf_counter()
     cell = job.cell(row, col)
     cache = ImageryCache(job.cache)
-    if cache.has(year, cell):
-        return {"fetched": False, "fetch_s": time.perf_counter() - t0}
     source = source or source_for(job)
+    if cache.has(year, cell) and _cache_matches(cache, year, cell, source.cache_identity()):
+        return {"fetched": False, "fetch_s": time.perf_counter() - t0}
     geobox = cell.utm_geobox(job.halo_px)
     cache.put(year, cell, source.fetch(geobox, year))
     return {"fetched": True, "fetch_s": time.perf_counter() - t0}
+
+
+def _cache_matches(cache, year: int, cell, identity: dict[str, Any]) -> bool:
+    """Whether the cached entry was fetched with the source settings that decide its pixels
+    (a setting missing from an older entry counts as off)."""
+    if not identity:
+        return True
+    prov = cache.attrs(year, cell).get("provenance", {})
+    return all(prov.get(k, False) == v for k, v in identity.items())
 
 
 class CellPredictor:
@@ -90,7 +104,8 @@ class CellPredictor:
         return Prediction(
             pred.probability.astype(np.float16), None, imagery.geobox,
             {"source_dates": imagery.provenance.get("dates"), "predict_s": time.perf_counter() - t0,
-             "crops": self.engine.crops_run},
+             "crops": self.engine.crops_run, "model_family": self.model.family},
+            quality=pred.quality,
         )
 
 
@@ -105,25 +120,31 @@ def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction
     """
     from gum_ray.store.manifest import Manifest, write_and_commit
     from gum_ray.store.product import ProductStore
-    from gum_ray.warp import warp_probability
+    from gum_ray.warp import warp_codes, warp_probability
 
     t0 = time.perf_counter()
     cell = job.cell(row, col)
     prob = warp_probability(predicted.probability.astype(np.float32), predicted.geobox, cell.product_geobox())
+    quality = None
+    if predicted.quality is not None:
+        quality = warp_codes(predicted.quality, predicted.geobox, cell.product_geobox())
     if run_id is not None:
         from gum_ray.mapping.lease import assert_lease_held
 
         assert_lease_held(job.product, run_id, lease_generation)
     product = ProductStore.open(job.product, writable=True)
     dates = predicted.provenance.get("source_dates")
+    extra: dict[str, Any] = {"run_id": run_id, "lease_generation": lease_generation} if run_id else {}
+    if predicted.provenance.get("model_family"):
+        extra["model_family"] = predicted.provenance["model_family"]
     result, committed = write_and_commit(
-        product, Manifest(job.product, job.grid), year, cell, prob,
+        product, Manifest(job.product, job.grid), year, cell, prob, quality=quality,
         checkpoint_sha256=checkpoint_sha256,
         settings=job.settings_record(),
         source=job.source,
         source_dates=list(dates) if isinstance(dates, (list, tuple)) else None,
         times={"write_s": round(time.perf_counter() - t0, 3), **(extra_times or {})},
-        extra={"run_id": run_id, "lease_generation": lease_generation} if run_id else None,
+        extra=extra or None,
     )
     return {"committed": committed, "empty": result.empty, "urban_px": result.urban_px,
             "valid_px": result.valid_px, "write_s": time.perf_counter() - t0}

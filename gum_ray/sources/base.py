@@ -246,6 +246,14 @@ class ImagerySource(abc.ABC):
         """Share ``limiter`` (``acquire() -> token``, ``release(token)``) for this source's requests."""
         self.limiter = limiter
 
+    def cache_identity(self) -> dict[str, Any]:
+        """Provenance values an imagery-cache entry must hold to be reused by this source.
+
+        The cache is keyed by (year, cell); an entry fetched with settings that change the pixels
+        (the synthetic world's clouds) does not match and is fetched again. Empty by default.
+        """
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Settings that identify this source (for manifests); never secrets."""
         return {"source": self.name, **self.options.public()}
