@@ -6,13 +6,14 @@ configuration machinery): the model's ``forward`` gives the logits of whole crop
 cross-entropy with ignore index 255 (mmseg's ``CrossEntropyLoss`` of the GUM config, weight 1.0), AdamW with a linear
 warm-up and a cosine decay, random flips and 90-degree rotations as augmentation, bf16 autocast on
 a CPU that has native bf16 (AVX512-BF16/AMX) or a GPU, fp32 elsewhere, and optionally a frozen
-encoder (the model's ``encoder``, GUM 1's UNet encoder; its BatchNorm statistics are frozen too).
+encoder (the model's ``encoder``: GUM 1's UNet encoder, GUM 2.0's three encoders; their BatchNorm
+statistics are frozen too).
 
 The patches are split into training and validation sets by patch (deterministic for a seed). The
 validation IoU and F1 of the urban class are measured before training (the starting checkpoint)
 and after each epoch; the best epoch's weights (or the last, ``keep="last"``) are saved with the
-model's ``save`` (GUM 1: :func:`gum_ray.model.save_checkpoint`, the mmseg format that ``gum predict``
-and ``gum map`` load), with the training settings and the per-epoch history in its ``meta``.
+model's ``save`` (GUM 1: :func:`gum_ray.model.save_checkpoint`, the mmseg format; GUM 2.0: the
+authors' layout, :func:`gum_ray.gum2.save_network`; both load in ``gum predict`` and ``gum map``), with the training settings and the per-epoch history in its ``meta``.
 
 The training steps (:class:`~gum_ray.training.Metrics`, :func:`~gum_ray.training.train_step`, ...)
 live in :mod:`gum_ray.training`, shared with :mod:`gum_ray.demo_model`.
@@ -174,6 +175,7 @@ class FinetuneSettings:
     labels: Literal["auto", "label", "class"] = "auto"
     keep: Literal["best", "last"] = "best"
     max_seconds: float | None = None
+    model: str | None = None  # model family to insist on ("gum1", "gum2"); None = read from the checkpoint
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -263,7 +265,7 @@ def finetune(
         raise InputError(f"out {out}: give a .pth file name for the new checkpoint", param="out")
     if out.resolve() == Path(init).resolve():
         raise InputError(f"out {out}: is the init checkpoint; write the fine-tuned model to a new file", param="out")
-    model = load_model(init)
+    model = load_model(init, family=s.model)
     init_provenance = model.provenance()
     samples = load_samples(data, s.labels, model=model)
     train_keys, val_keys = split_keys(samples.keys, s.val_fraction, s.seed)

@@ -156,11 +156,15 @@ def infer_spec(state_dict: dict[str, torch.Tensor], path: str | Path = "checkpoi
 
 
 def load_checkpoint(
-    path: str | Path, *, expect_channels: int | None = None
+    path: str | Path, *, expect_channels: int | None = None, raw: Any = None
 ) -> LoadedModel:
-    """Load and validate a GUM checkpoint; returns the model in eval mode on the CPU."""
+    """Load and validate a GUM checkpoint; returns the model in eval mode on the CPU.
+
+    ``raw``: the file's content if the caller has already read it (:func:`read_checkpoint`).
+    """
     path = Path(path)
-    raw = _read_checkpoint_file(path)
+    if raw is None:
+        raw = _read_checkpoint_file(path)
     sd = extract_state_dict(raw, path)
     spec = infer_spec(sd, path)
     if spec.in_channels not in (10, 13):
@@ -299,9 +303,10 @@ class Gum1:
         self.meta = dict(meta or {})
 
     @classmethod
-    def load(cls, path: str | Path) -> "Gum1":
-        """Load and validate a GUM 1 checkpoint (:func:`load_checkpoint`)."""
-        loaded = load_checkpoint(path)
+    def load(cls, path: str | Path, *, raw: Any = None) -> "Gum1":
+        """Load and validate a GUM 1 checkpoint (:func:`load_checkpoint`; ``raw``: its content, if
+        already read)."""
+        loaded = load_checkpoint(path, raw=raw)
         return cls(loaded.model, loaded.spec, path=loaded.path, sha256=loaded.sha256, meta=loaded.meta)
 
     @classmethod

@@ -1,7 +1,7 @@
 """The model interface: what the inference engine, training and every command know of a model.
 
-A model family (GUM 1 today, GUM 2.0 next: ``docs/design-notes.md``, "Layers") is one class that
-satisfies :class:`UrbanModel`:
+A model family (GUM 1, :class:`gum_ray.model.Gum1`; GUM 2.0, :class:`gum_ray.gum2.Gum2`:
+``docs/design-notes.md``, "Layers") is one class that satisfies :class:`UrbanModel`:
 
 ======================  ==============================================================================
 ``family``              the family's name (``"gum1"``), recorded in provenance
@@ -72,19 +72,55 @@ def as_model(obj: Any) -> UrbanModel:
     return Gum1.from_module(obj)
 
 
-def load_model(path: Any) -> UrbanModel:
-    """Load and validate a checkpoint of any model family.
+#: the model families :func:`load_model` knows, by the name ``--model`` takes
+FAMILIES = {"gum1": "GUM 1", "gum2": "GUM 2.0"}
 
-    GUM 1 is the only family today; the next (GUM 2.0) reads its family from the checkpoint's keys
-    here, and nothing that uses the returned model changes.
+
+def detect_family(state_dict: dict[str, Any]) -> str:
+    """The family a checkpoint's state dict belongs to: ``gum2`` if it has ``s2_encoder.*`` keys
+    (with or without a ``module.`` prefix), else ``gum1``."""
+    for key in state_dict:
+        if isinstance(key, str) and key.removeprefix("module.").startswith("s2_encoder."):
+            return "gum2"
+    return "gum1"
+
+
+def load_model(path: Any, family: str | None = None) -> UrbanModel:
+    """Load and strictly validate a checkpoint of any model family.
+
+    Args:
+        path: the checkpoint (``.pth`` or ``.safetensors``).
+        family: None (default) reads the family from the checkpoint's keys (``s2_encoder.*`` ->
+            ``gum2``, else ``gum1``); ``"gum1"`` or ``"gum2"`` insists on that family, and a
+            checkpoint of the other family is an error.
 
     Raises:
-        CheckpointError: the file is not a usable checkpoint (a missing file is also a
-            :class:`FileNotFoundError`).
+        CheckpointError: the file is not a usable checkpoint (or not of ``family``: ``param`` =
+            ``family`` then); a missing file is also a :class:`FileNotFoundError`.
+        InputError: an unknown ``family``.
     """
+    from gum_ray.checkpoint_io import read_checkpoint
+    from gum_ray.errors import InputError
+
+    if family is not None and family not in FAMILIES:
+        raise InputError(f"family {family!r}: unknown model family; use {' or '.join(FAMILIES)}", param="family")
+    raw = read_checkpoint(path)
+    sd = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else {}
+    found = detect_family(sd if isinstance(sd, dict) else {})
+    if family is not None and family != found:
+        raise CheckpointError(
+            f"checkpoint {path}: is a {FAMILIES[found]} checkpoint, not the {FAMILIES[family]} asked for "
+            f"(family {family}); give a {FAMILIES[family]} checkpoint, or let the family be read from the "
+            "checkpoint",
+            param="family",
+        )
+    if found == "gum2":
+        from gum_ray.gum2 import Gum2
+
+        return Gum2.load(path, raw=raw)
     from gum_ray.model import Gum1
 
-    return Gum1.load(path)
+    return Gum1.load(path, raw=raw)
 
 
 def needs_products(model: UrbanModel) -> bool:
@@ -115,4 +151,4 @@ def check_compatible(model: UrbanModel, with_products: bool, *, what: str = "the
         )
 
 
-__all__ = ["UrbanModel", "as_model", "check_compatible", "load_model", "needs_products"]
+__all__ = ["FAMILIES", "UrbanModel", "as_model", "check_compatible", "detect_family", "load_model", "needs_products"]

@@ -25,6 +25,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from gum_ray import bands
 from gum_ray.errors import InputError
 from gum_ray.export_io import ExportFile, list_exports, open_export
 from gum_ray.imagery import NODATA, input_quality, masks_from_export, probability_to_uint8
@@ -151,6 +152,7 @@ def predict_file(
                     gum_ray_version=__version__,
                     checkpoint_sha256=prov["checkpoint_sha256"],
                     checkpoint=prov["checkpoint"],
+                    model_family=prov["family"],
                     settings=json.dumps(engine.settings.as_dict(), sort_keys=True),
                     source=os.path.basename(str(input_path)),
                     model_channels=str(model.in_channels),
@@ -162,9 +164,9 @@ def predict_file(
                                 "4 = terrain; 255 = not read", flag_masks="1 2 4",
                                 flag_meanings="sentinel_2 sentinel_1 terrain")
             if not wrote_any:
-                log.warning("%s: no pixel has the inputs the %s model needs (all NaN or no data): the "
-                            "output is all no data (255); %d crops were run", input_path, model.family,
-                            engine.crops_run - crops_before)
+                log.warning("%s: no pixel has the data the model needs (Sentinel-2 for GUM 1; Sentinel-2 or "
+                            "Sentinel-1 for GUM 2.0): the output is all "
+                            "no data (255); %d crops were run", input_path, engine.crops_run - crops_before)
             cog_tmp = Path(tmpdir) / "cog.tif"
             # nearest overviews: band 2 holds classes, band 3 bit flags
             write_cog(plain, cog_tmp, overview_resampling="nearest")
@@ -220,9 +222,16 @@ def strip_windows(width: int, strip_px: int = STRIP_PX, halo: int = CROP) -> lis
 
 
 def _strip_has_data(src: ExportFile, x0: int, x1: int, rows: int, model) -> bool:
-    """Whether the model maps any pixel of columns [x0, x1) (its ``validity``, read in row blocks)."""
+    """Whether any pixel of columns [x0, x1) is one the model maps (read in row blocks; for GUM 1
+    only the four Sentinel-2 bands are read)."""
+    s2_only = getattr(model, "family", None) == "gum1"
+    s2 = list(range(bands.S2_SLICE.start + 1, bands.S2_SLICE.stop + 1))
     for y0 in range(0, src.height, rows):
-        if model.validity(src.read_window(y0, min(y0 + rows, src.height), x0, x1)).any():
+        y1 = min(y0 + rows, src.height)
+        if s2_only:
+            if np.isfinite(src.read_window(y0, y1, x0, x1, s2)).all(axis=0).any():
+                return True
+        elif model.validity(src.read_window(y0, y1, x0, x1)).any():
             return True
     return False
 

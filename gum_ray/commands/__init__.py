@@ -12,6 +12,7 @@ import re
 FLAGS: dict[str, str] = {
     "with_products": "--products",
     "checkpoint": "--checkpoint",
+    "family": "--model",
     "source": "--source",
     "source_options": "--source-option",
     "years": "--year",

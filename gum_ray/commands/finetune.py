@@ -19,6 +19,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "the mmseg format that `gum predict` and `gum map` load.",
     )
     p.add_argument("--init", required=True, help="starting checkpoint (.pth, mmseg format; 'demo' = the demo model)")
+    from gum_ray.commands.predict import add_model_argument
+
+    add_model_argument(p)
     p.add_argument("--data", required=True, help="the patches dataset (folder made by `gum patches`)")
     p.add_argument("--out", required=True, help="the new checkpoint (.pth)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training patches (default {d.epochs})")
@@ -27,7 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay:g})")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help=f"share of the patches held out for validation (default {d.val_fraction})")
-    p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and head")
+    p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and head (GUM 2.0: its three encoders frozen)")
     p.add_argument("--labels", choices=("auto", "label", "class"), default="auto",
                    help="auto: your 'label' arrays where present, else the pseudo-label 'class' (default)")
     p.add_argument("--keep", choices=("best", "last"), default="best",
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         val_fraction=args.val_fraction, freeze_encoder=args.freeze_encoder, precision=args.precision,
         device=args.device, seed=args.seed, augment=not args.no_augment, labels=args.labels,
-        keep=args.keep, max_seconds=args.max_seconds,
+        keep=args.keep, max_seconds=args.max_seconds, model=args.model,
     )
     echo = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     res = finetune(args.init, args.data, args.out, settings, echo=echo)

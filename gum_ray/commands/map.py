@@ -17,7 +17,11 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     add_aoi_arguments(p, bbox_help="area to map")
     p.add_argument("--year", type=int, nargs="+", required=True, help="one or more calendar years")
     add_source_arguments(p)
-    p.add_argument("--checkpoint", help="GUM checkpoint (.pth); default for the synthetic source: the demo model")
+    p.add_argument("--checkpoint", help="GUM checkpoint (.pth, GUM 1 or GUM 2.0); default for the synthetic "
+                   "source: the demo model")
+    from gum_ray.commands.predict import add_model_argument
+
+    add_model_argument(p)
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help=f"folder or gs:// prefix for product and cache (default ./{DEFAULT_DATA_DIR})")
     p.add_argument("--product", help="product Zarr path (default DATA_DIR/product.zarr)")
@@ -85,6 +89,7 @@ def job_from_args(args: argparse.Namespace):
         source=args.source,
         source_options=source_options(args.source_option, args.products),
         checkpoint=args.checkpoint,
+        model=args.model,
         inference=settings_from_args(args),
         grid=ProductGrid(cell_deg=args.cell_deg, chunk_px=args.chunk_px),
         halo_px=args.halo,

@@ -10,7 +10,7 @@ from gum_ray.errors import InputError
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from gum_ray.commands.map import add_source_arguments
-    from gum_ray.commands.predict import add_inference_arguments
+    from gum_ray.commands.predict import add_inference_arguments, add_model_argument
     from gum_ray.patches import DEFAULT_MIN_VALID
 
     p = sub.add_parser(
@@ -30,6 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint",
                    help="GUM checkpoint (.pth) that makes the pseudo-labels; 'demo' = the demo model "
                         "(the default for the synthetic source)")
+    add_model_argument(p)
     p.add_argument("--no-labels", action="store_true",
                    help="imagery only, no model: patches for your own labels (PatchDataset.set_label)")
     p.add_argument("--min-valid", type=float, default=DEFAULT_MIN_VALID,
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     job = PatchJob(
         points=tuple(points), year=args.year, out=args.out, source=args.source,
         source_options=source_options(args.source_option, args.products),
-        checkpoint=args.checkpoint, inference=settings_from_args(args), min_valid=args.min_valid,
+        checkpoint=args.checkpoint, model=args.model, inference=settings_from_args(args), min_valid=args.min_valid,
         geotiff=not args.no_geotiff, labels=not args.no_labels,
     )
     if args.no_labels and args.checkpoint:

@@ -32,6 +32,13 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
                         "(bit-exact with mmseg)")
 
 
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    """``--model gum1|gum2``: force the model family (default: read from the checkpoint)."""
+    p.add_argument("--model", choices=("gum1", "gum2"), default=None,
+                   help="model family of the checkpoint: gum1 (GUM, mmseg UNet) or gum2 (GUM 2.0, "
+                        "three encoders); default: read from the checkpoint itself")
+
+
 def settings_from_args(args: argparse.Namespace):
     from gum_ray.inference import InferenceSettings
 
@@ -54,7 +61,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="a GUM export GeoTIFF, or a folder of them")
     p.add_argument("output", help="output .tif (for one input) or folder (<name>_gum.tif each)")
-    p.add_argument("--checkpoint", required=True, help="GUM checkpoint (.pth, mmseg format)")
+    p.add_argument("--checkpoint", required=True,
+                   help="GUM checkpoint (.pth): GUM 1 (mmseg format) or GUM 2.0 (e.g. GUM_2p0.pth)")
+    add_model_argument(p)
     p.add_argument("--products", choices=("auto", "yes", "no"), default="auto",
                    help="use the 3 built-up product bands: auto follows the checkpoint (13 channels "
                         "= yes); 'yes' insists on a 13-channel checkpoint")
@@ -75,7 +84,13 @@ def run(args: argparse.Namespace) -> int:
 
     pairs = plan_outputs(args.input, args.output)
     settings = settings_from_args(args)
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, family=args.model)
+    if args.products == "yes" and model.family == "gum2":
+        raise InputError(
+            f"--products yes: checkpoint {args.checkpoint} is GUM 2.0, which has no 'with products' "
+            "variant (its terrain encoder takes slope and aspect only); drop --products yes, the "
+            "product bands of a 14-band export are then ignored"
+        )
     if args.products == "yes" and not needs_products(model):
         raise InputError(
             f"--products yes: checkpoint {args.checkpoint} is a 10-channel model; give the "

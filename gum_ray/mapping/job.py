@@ -27,6 +27,7 @@ class MapJob:
     source: str = "synthetic"
     source_options: tuple[tuple[str, Any], ...] = ()
     checkpoint: str | None = None
+    model: str | None = None  # model family to insist on ("gum1", "gum2"); None = read from the checkpoint
     inference: InferenceSettings = dataclasses.field(default_factory=InferenceSettings)
     grid: ProductGrid = dataclasses.field(default_factory=ProductGrid)
     halo_px: int = DEFAULT_HALO_PX

@@ -207,7 +207,7 @@ def run_map(job: MapJob, *, ray_address: str | None = None, live: bool | None = 
     t0 = time.time()
     source = job.make_source()  # validates the source options before anything is written
     checkpoint = job.resolved_checkpoint(source)
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, family=job.model)
     check_compatible(model, source.with_products, what=f"the {job.source} source")
     sha = model.provenance()["checkpoint_sha256"]
     del model

@@ -85,7 +85,7 @@ class CellPredictor:
         if threads:
             torch.set_num_threads(threads)
         self.job = job
-        self.model = load_model(checkpoint)
+        self.model = load_model(checkpoint, family=job.model)
         self.engine = InferenceEngine(self.model, job.inference)
 
     def predict(self, year: int, row: int, col: int) -> Prediction:

@@ -34,8 +34,9 @@ Executor = Literal["inline", "local", "ray"]
 class Labeler:
     """The model's probability and class on a patch (the pseudo-label); the model loads lazily."""
 
-    def __init__(self, checkpoint: str, settings: Any = None):
+    def __init__(self, checkpoint: str, settings: Any = None, family: str | None = None):
         self.checkpoint = str(checkpoint)
+        self.family = family
         self.settings = settings
         self._engine = None
         self._lock = threading.Lock()
@@ -47,7 +48,7 @@ class Labeler:
                 from gum_ray.inference import InferenceEngine
                 from gum_ray.network import load_model
 
-                self._engine = InferenceEngine(load_model(self.checkpoint), self.settings)
+                self._engine = InferenceEngine(load_model(self.checkpoint, family=self.family), self.settings)
         return self._engine
 
     def label(self, imagery: Imagery) -> tuple[np.ndarray, np.ndarray]:
@@ -71,6 +72,7 @@ class PatchJob:
     source: str = "synthetic"
     source_options: tuple[tuple[str, Any], ...] = ()
     checkpoint: str | None = None
+    model: str | None = None  # model family to insist on ("gum1", "gum2"); None = read from the checkpoint
     inference: Any = None  # InferenceSettings (None = defaults)
     size: int = PATCH_SIZE
     resolution: float = PATCH_RESOLUTION_M
@@ -148,7 +150,7 @@ class _Context:
         self.source = job.make_source()
         if limiter is not None:
             self.source.use_limiter(limiter)
-        self.labeler = Labeler(checkpoint, job.inference) if checkpoint else None
+        self.labeler = Labeler(checkpoint, job.inference, job.model) if checkpoint else None
         self.dataset = PatchDataset(job.out)
 
 
@@ -260,11 +262,12 @@ def run_patches(
     check_year(job.year, source="patches")
     source = job.make_source()
     checkpoint = job.resolved_checkpoint(source)
-    sha = spec = None
+    sha = spec = family = None
     if checkpoint is not None:
-        model = load_model(checkpoint)  # validate before any fetch (clear error, once)
+        model = load_model(checkpoint, family=job.model)  # validate before any fetch (clear error, once)
         check_compatible(model, source.with_products, what=f"the {job.source} source")
-        sha, spec = model.provenance()["checkpoint_sha256"], model.provenance()["spec"]
+        prov = model.provenance()
+        sha, spec, family = prov["checkpoint_sha256"], prov["spec"], prov["family"]
         del model
     settings = job.inference or InferenceSettings()
     job = dataclasses.replace(job, inference=settings)
@@ -273,7 +276,7 @@ def run_patches(
         "year": job.year, "patch_size": job.size, "resolution_m": job.resolution,
         "source": source.describe(), "with_products": bool(source.with_products),
         "checkpoint_sha256": sha, "checkpoint": os.path.basename(checkpoint) if checkpoint else None,
-        "model_spec": spec, "inference": settings.as_dict() if checkpoint else None,
+        "model_spec": spec, "model_family": family, "inference": settings.as_dict() if checkpoint else None,
         "min_valid": job.min_valid,
         "labels": ("class = the model's argmax (pseudo-label); label = the user's, where added"
                    if checkpoint else "imagery only: add labels with PatchDataset.set_label"),
