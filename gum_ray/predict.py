@@ -156,7 +156,6 @@ def predict_file(
                     settings=json.dumps(engine.settings.as_dict(), sort_keys=True),
                     source=os.path.basename(str(input_path)),
                     model_channels=str(model.in_channels),
-                    model_family=prov.get("family", model.family),
                 )
                 dst.update_tags(1, units="percent", meaning="P(urban) x 100, 255 = no data")
                 dst.update_tags(2, meaning="1 = urban, 0 = not urban, 255 = no data")
