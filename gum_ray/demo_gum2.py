@@ -6,13 +6,17 @@ gum2``, and ``gum map --model gum2`` on the synthetic source without ``--checkpo
 (:func:`resolve_demo_checkpoint`). The network is :class:`gum_ray.gum2.Gum2` at width 8 (stages
 8, 8, 8, 16, 32; PSP 4 channels; :data:`DEMO_GUM2_SPEC`), fed the notebook's preprocessing. (Width 16
 trains 10-15 times slower per step on the project's 2-core CPUs, 10-30 s against 0.7-2.7 s for a
-batch of 4 crops, so the time budget would stop it after a few dozen steps.) Training runs in fp32:
-on the project's CPUs (no native bf16) a bf16-autocast step of this network took 16 s against 6 s
-in fp32 under load.
+batch of 4 crops, so the time budget would stop it after a few dozen steps.) Training runs in fp32
+(on the project's CPUs, without native bf16, a bf16-autocast step took 16 s against 6 s in fp32
+under load) on crops of 128 px, 4 a batch (an eighth of the cost of a step of 8 crops of 256 px:
+on a 2-core machine shared with other work a 4 x 256 px step took up to 19 s, and 13 steps in the
+time budget learnt nothing; 49 steps of 8 x 128 px reached an urban IoU of 0.31 only). The time
+budget (360 s) stops training early, but never before ``min_steps`` (150), after which the
+learning-rate schedule follows the steps. Inference uses 256 px crops as always.
 
 **The authors' corruption scheme.** The student of GUM 2.0 was trained on batches where a modality
 is missing, with a missing modality set to the normalised value 0 (``INPUT.MASK_VALUE``). Each
-training crop here is, independently (:meth:`Gum2DemoRecipe`): without Sentinel-2 (its four
+training crop here is, independently (:class:`Gum2DemoRecipe`): without Sentinel-2 (its four
 channels 0) with probability 0.2, without Sentinel-1 with 0.15, under simulated clouds with 0.3 (a
 smooth random field thresholded to cover 20-80 % of the crop; Sentinel-2 0 there), else clean. The
 training imagery itself is the cloud-free world; the clouds of the world
@@ -50,7 +54,6 @@ from gum_ray.demo_model import (
     HELD_OUT_AREAS,
     TRAIN_AREAS,
     _Area,
-    _sample_batch,
     _urban,
     area_geobox,
     cache_dir,
@@ -79,7 +82,9 @@ class Gum2DemoRecipe:
     held_out_year: int = 2021
     held_out_area_px: int = 768
     steps: int = 330
+    min_steps: int = 150
     batch_size: int = 4
+    train_crop_px: int = 128
     lr: float = 6e-3
     weight_decay: float = 1e-4
     road_centre_fraction: float = 0.3
@@ -88,13 +93,15 @@ class Gum2DemoRecipe:
     no_s1_fraction: float = 0.15
     cloud_fraction: float = 0.3
     cloud_cover: tuple[float, float] = (0.2, 0.8)
-    max_train_seconds: float = 240.0
+    max_train_seconds: float = 360.0
     precision: str = "fp32"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise InputError("GUM 2.0 demo model: steps and batch size must be at least 1")
+        if self.steps < 1 or self.batch_size < 1 or not 1 <= self.min_steps <= self.steps:
+            raise InputError("GUM 2.0 demo model: steps and batch size must be at least 1, min_steps 1..steps")
+        if self.train_crop_px % 16 or not 32 <= self.train_crop_px <= CROP:
+            raise InputError(f"GUM 2.0 demo model: training crops must be a multiple of 16 px, 32-{CROP}")
         if self.train_area_px < CROP or self.held_out_area_px < CROP:
             raise InputError(f"GUM 2.0 demo model: areas must be at least {CROP} px on a side")
         if self.no_s2_fraction + self.no_s1_fraction + self.cloud_fraction > 1.0:
@@ -140,6 +147,31 @@ def _training_data(recipe: Gum2DemoRecipe) -> list[_Area]:
             out.append(_Area(x.astype(np.float16), _urban(classes).astype(np.uint8),
                              np.flatnonzero(classes == CLASS_TOWN), np.flatnonzero(classes == CLASS_ROAD)))
     return out
+
+
+def sample_batch(areas: Sequence[_Area], recipe: Gum2DemoRecipe, rng: np.random.Generator):
+    """A batch of ``train_crop_px`` crops (as the GUM 1 demo samples: around road pixels, town
+    pixels or anywhere; random flips and rotations): x (B, 10, c, c) float32, y (B, c, c) int64."""
+    from gum_ray.training import augment
+
+    xs, ys = [], []
+    n, c = recipe.train_area_px, recipe.train_crop_px
+    for _ in range(recipe.batch_size):
+        a = areas[int(rng.integers(len(areas)))]
+        u = rng.random()
+        pool = a.roads if u < recipe.road_centre_fraction else (
+            a.towns if u < recipe.road_centre_fraction + recipe.town_centre_fraction else None)
+        if pool is not None and pool.size:
+            cy, cx = divmod(int(pool[int(rng.integers(pool.size))]), n)
+            jitter = c // 3
+            y0 = int(np.clip(cy - c // 2 + rng.integers(-jitter, jitter + 1), 0, n - c))
+            x0 = int(np.clip(cx - c // 2 + rng.integers(-jitter, jitter + 1), 0, n - c))
+        else:
+            y0, x0 = (int(v) for v in rng.integers(0, n - c + 1, size=2))
+        x, y = augment(a.x[:, y0 : y0 + c, x0 : x0 + c].astype(np.float32), a.y[y0 : y0 + c, x0 : x0 + c], rng)
+        xs.append(x)
+        ys.append(y)
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64))
 
 
 def simulated_clouds(rng: np.random.Generator, cover: float, size: int = CROP) -> np.ndarray:
@@ -299,14 +331,18 @@ def train_gum2_demo_model(
     kinds: dict[str, int] = {}
     step, stopped_by = 0, "steps"
     while step < recipe.steps:
-        progress = max(step / recipe.steps, (time.perf_counter() - t_train) / recipe.max_train_seconds)
+        # the time budget may end training early, but never before min_steps (a loaded machine
+        # would otherwise stop after a few dozen steps that learnt little): the schedule then
+        # follows min_steps
+        timed = min((time.perf_counter() - t_train) / recipe.max_train_seconds, step / recipe.min_steps)
+        progress = max(step / recipe.steps, timed)
         if progress >= 1.0:
             stopped_by = "time"
             break
         lr = lr_at(progress, recipe.lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        x, y = _sample_batch(areas, recipe, rng)
+        x, y = sample_batch(areas, recipe, rng)
         for k in corrupt(x, rng, recipe):
             kinds[k] = kinds.get(k, 0) + 1
         loss = train_step(model, opt, x, y, amp)
