@@ -1,7 +1,7 @@
 """The GUM 2.0 demo model: a reduced-width GUM 2.0 trained on the synthetic world, cached per machine.
 
-As for GUM 1 (:mod:`gum_ray.demo_model`, whose training and held-out places, crop sampling and
-time budget it shares), so that the offline pipeline runs either family: ``gum demo-model --model
+As for GUM 1 (:mod:`gum_ray.demo_model`, whose training and held-out places and crop sampling rule
+it shares), so that the offline pipeline runs either family: ``gum demo-model --model
 gum2``, and ``gum map --model gum2`` on the synthetic source without ``--checkpoint``
 (:func:`resolve_demo_checkpoint`). The network is :class:`gum_ray.gum2.Gum2` at width 8 (stages
 8, 8, 8, 16, 32; PSP 4 channels; :data:`DEMO_GUM2_SPEC`), fed the notebook's preprocessing. (Width 16

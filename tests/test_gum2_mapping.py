@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gum_ray.cli import main
 from gum_ray.grid import ProductGrid
@@ -49,3 +50,31 @@ def test_gum_map_model_gum2_then_remap_the_cache_with_gum1(tmp_path, gum2_demo_m
     assert (pr2 != NODATA).all()  # GUM 2.0 maps every pixel, clouded or not
     # GUM 1 writes no data under the clouds (bar the warp's border pixels) and maps the rest
     assert (pr1[no_s2] == NODATA).mean() > 0.9 and (pr1[~no_s2] != NODATA).mean() > 0.9
+
+
+def test_the_corruption_scheme_zeroes_whole_modalities_or_cloud_patches():
+    import dataclasses
+
+    import torch
+
+    from gum_ray.demo_gum2 import Gum2DemoRecipe, corrupt, simulated_clouds
+
+    rng = np.random.default_rng(0)
+    for cover in (0.2, 0.5, 0.8):
+        assert abs(simulated_clouds(rng, cover).mean() - cover) < 0.01
+    recipe = Gum2DemoRecipe()
+    x = torch.rand(64, 10, 64, 64) + 0.1  # no zeros before
+    kinds = corrupt(x, rng, recipe)
+    assert set(kinds) == {"clean", "no_s2", "no_s1", "clouds"}
+    for b, k in enumerate(kinds):
+        s2_zero, s1_zero = (x[b, :4] == 0).float().mean(), (x[b, 4:8] == 0).float().mean()
+        assert (k, float(s1_zero)) == (k, 1.0 if k == "no_s1" else 0.0)
+        if k == "no_s2":
+            assert s2_zero == 1.0
+        elif k == "clouds":
+            assert 0.15 < s2_zero < 0.85 and (x[b, :4] == 0).all(0).float().mean() == s2_zero
+        else:
+            assert s2_zero == 0.0
+        assert (x[b, 8:] > 0).all()  # terrain is never taken away
+    with pytest.raises(Exception, match="corruption fractions"):
+        dataclasses.replace(recipe, no_s2_fraction=0.6, cloud_fraction=0.6)
