@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     settings = InferenceSettings(precision="fp32")
     rows = []
-    for family, path in (("GUM 1", ensure_demo_model()), ("GUM 2.0", ensure_gum2_demo_model())):
-        model = load_model(path)
+    for family, ensure in (("GUM 1", ensure_demo_model), ("GUM 2.0", ensure_gum2_demo_model)):
+        model = load_model(ensure())
         rows.append((family, evaluate_model(model, HELD_OUT_AREAS, year=args.year, size=args.size, clouds=True,
                                             settings=settings)))
     print(f"synthetic world with clouds, {args.year}, held-out places "
