@@ -3,15 +3,16 @@
 As for GUM 1 (:mod:`gum_ray.demo_model`, whose training and held-out places and crop sampling rule
 it shares), so that the offline pipeline runs either family: ``gum demo-model --model
 gum2``, and ``gum map --model gum2`` on the synthetic source without ``--checkpoint``
-(:func:`resolve_demo_checkpoint`). The network is :class:`gum_ray.gum2.Gum2` at width 8 (stages
-8, 8, 8, 16, 32; PSP 4 channels; :data:`DEMO_GUM2_SPEC`), fed the notebook's preprocessing. (Width 16
-trains 10-15 times slower per step on the project's 2-core CPUs, 10-30 s against 0.7-2.7 s for a
-batch of 4 crops, so the time budget would stop it after a few dozen steps.) Training runs in fp32
+(:func:`resolve_demo_checkpoint`). The network is :class:`gum_ray.gum2.Gum2` at width 4 (stages
+4, 4, 4, 8, 16; PSP 2 channels; :data:`DEMO_GUM2_SPEC`), fed the notebook's preprocessing: the
+synthetic world's classes are separable per pixel, and on the project's shared 2-core CPUs a wider
+network trains too slowly (width 16 took 10-30 s a step against 0.7-2.7 s for width 8, batch of 4
+crops of 256 px; under load even width 8 got about 20 % of a core, 18 s a step). Training runs in fp32
 (on the project's CPUs, without native bf16, a bf16-autocast step took 16 s against 6 s in fp32
 under load) on crops of 128 px, 4 a batch (an eighth of the cost of a step of 8 crops of 256 px:
 on a 2-core machine shared with other work a 4 x 256 px step took up to 19 s, and 13 steps in the
 time budget learnt nothing; 49 steps of 8 x 128 px reached an urban IoU of 0.31 only). The time
-budget (360 s) stops training early, but never before ``min_steps`` (150), after which the
+budget (360 s) stops training early, but never before ``min_steps`` (100), after which the
 learning-rate schedule follows the steps. Inference uses 256 px crops as always.
 
 **The authors' corruption scheme.** The student of GUM 2.0 was trained on batches where a modality
@@ -64,7 +65,7 @@ from gum_ray.gum2 import Gum2, Gum2Spec
 from gum_ray.inference import CROP
 
 DEMO_GUM2_VERSION = 1
-DEMO_GUM2_SPEC = Gum2Spec(width=8, psp_channels=4)
+DEMO_GUM2_SPEC = Gum2Spec(width=4, psp_channels=2)
 ENV_PATH_GUM2 = "GUM_DEMO_MODEL_GUM2"
 S2_CHANNELS = slice(0, 4)
 S1_CHANNELS = slice(4, 8)
@@ -82,7 +83,7 @@ class Gum2DemoRecipe:
     held_out_year: int = 2021
     held_out_area_px: int = 768
     steps: int = 330
-    min_steps: int = 150
+    min_steps: int = 100
     batch_size: int = 4
     train_crop_px: int = 128
     lr: float = 6e-3
@@ -354,7 +355,10 @@ def train_gum2_demo_model(
                 f"lr {lr:.2e}  {time.perf_counter() - t_train:.0f} s")
     train_seconds = time.perf_counter() - t_train
     model.module.eval()
-    kw = dict(year=recipe.held_out_year, size=recipe.held_out_area_px)
+    from gum_ray.inference import InferenceSettings
+
+    # fp32: on CPUs without native bf16 it is the faster precision too
+    kw = dict(year=recipe.held_out_year, size=recipe.held_out_area_px, settings=InferenceSettings(precision="fp32"))
     held = evaluate_model(model, recipe.held_out_areas, clouds=False, **kw)
     cloudy = evaluate_model(model, recipe.held_out_areas, clouds=True, **kw)
     total_seconds = time.perf_counter() - t_start
