@@ -26,6 +26,14 @@ A prediction::
     label         uint8 (H, W) or None      the class (0/1) where the engine made it
     geobox        GeoBox or None            the grid (None for a bare array through the engine)
     provenance    dict                      what made it (source dates, timings, ...)
+    quality       uint8 (H, W) or None      input quality: which inputs each pixel had
+                                            (:func:`input_quality`), whatever the model mapped
+
+Input quality is a uint8 of bit flags per pixel, independent of the model: :data:`QUALITY_S2` (1)
+where the pixel has Sentinel-2, :data:`QUALITY_S1` (2) Sentinel-1, :data:`QUALITY_TERRAIN` (4)
+terrain (so 7 = everything, 6 = no Sentinel-2, e.g. under persistent cloud); :data:`NODATA` (255)
+where nothing was fetched or mapped. Under GUM 1 a pixel without Sentinel-2 has a code but no
+probability; under GUM 2.0 it has both.
 
 Stored outputs are uint8: P(urban) in percent 0-100 and classes 0/1, with :data:`NODATA` (255) for
 no data (the product's ``_FillValue``, ``gum predict``'s nodata, a patch's unlabelled pixels).
@@ -52,6 +60,13 @@ from gum_ray.bands import (
 
 #: uint8 "no data" of every stored output (probability percent, class, labels to ignore).
 NODATA = 255
+
+#: Input-quality bit flags (:func:`input_quality`): which inputs a pixel had.
+QUALITY_S2 = 1
+QUALITY_S1 = 2
+QUALITY_TERRAIN = 4
+#: modality -> its input-quality bit
+QUALITY_BITS: dict[str, int] = {"s2": QUALITY_S2, "s1": QUALITY_S1, "terrain": QUALITY_TERRAIN}
 
 #: The arrays of the compact form, in storage order (``products`` only with the product bands).
 COMPACT_PARTS = ("s2", "s2_mask", "s1", "s1_mask", "terrain", "terrain_mask", "products")
@@ -81,6 +96,15 @@ def modalities(with_products: bool) -> tuple[str, ...]:
 def masks_from_export(export: np.ndarray, with_products: bool) -> dict[str, np.ndarray]:
     """Per-modality validity: True where every band of the modality is finite."""
     return {m: np.isfinite(export[MODALITY_SLICES[m]]).all(axis=0) for m in modalities(with_products)}
+
+
+def input_quality(masks: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-pixel input quality (uint8 bit flags of :data:`QUALITY_BITS`) from per-modality masks."""
+    shape = np.shape(masks["s2"])
+    out = np.zeros(shape, np.uint8)
+    for name, bit in QUALITY_BITS.items():
+        out |= np.where(np.asarray(masks[name], dtype=bool), np.uint8(bit), np.uint8(0))
+    return out
 
 
 @dataclass
@@ -183,6 +207,10 @@ class Imagery:
         """True where the pixel has Sentinel-2 data (what GUM 1 needs to map a pixel)."""
         return self.masks["s2"]
 
+    def input_quality(self) -> np.ndarray:
+        """Which of Sentinel-2 / Sentinel-1 / terrain each pixel has (:func:`input_quality`)."""
+        return input_quality(self.masks)
+
 
 def probability_to_uint8(prob: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """P(urban) float -> uint8 percent 0-100, :data:`NODATA` where ``valid`` is False or prob is NaN."""
@@ -203,12 +231,15 @@ class Prediction:
         label: the class (H, W) uint8 0/1 where the engine made one, else None.
         geobox: the grid, or None for an array predicted without one.
         provenance: what made it (source dates, timings, crops run); JSON-able.
+        quality: the input quality (H, W) uint8 bit flags (:func:`input_quality`, 255 = nothing
+            fetched there), or None where the imagery's masks were not known (a bare array).
     """
 
     probability: np.ndarray
     label: np.ndarray | None = None
     geobox: GeoBox | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    quality: np.ndarray | None = None
 
     @property
     def valid(self) -> np.ndarray:
@@ -219,7 +250,7 @@ class Prediction:
         """This prediction with no data (NaN probability) where ``valid`` is False."""
         prob = np.array(self.probability, copy=True)
         prob[~valid] = np.nan
-        return Prediction(prob, self.label, self.geobox, dict(self.provenance))
+        return Prediction(prob, self.label, self.geobox, dict(self.provenance), self.quality)
 
     def percent(self) -> np.ndarray:
         """P(urban) as uint8 percent 0-100, :data:`NODATA` where there is no prediction."""
@@ -239,8 +270,13 @@ __all__ = [
     "MODALITY_BANDS",
     "MODALITY_SLICES",
     "NODATA",
+    "QUALITY_BITS",
+    "QUALITY_S1",
+    "QUALITY_S2",
+    "QUALITY_TERRAIN",
     "Imagery",
     "Prediction",
+    "input_quality",
     "masks_from_export",
     "modalities",
     "probability_to_uint8",

@@ -242,15 +242,19 @@ class InferenceEngine:
         """Predict imagery on its grid: the model's preprocessing, no data where the model says so.
 
         Returns a :class:`Prediction` on ``imagery.geobox`` whose probability is NaN (and class 0)
-        where the model does not map the pixel; the network does not run when no pixel is mapped.
-        ``origin``: see :meth:`predict`.
+        where the model does not map the pixel (its :meth:`~gum_ray.network.UrbanModel.validity`);
+        the network does not run when no pixel is mapped. The prediction carries the imagery's
+        input quality (which inputs each pixel had), whatever the model mapped. ``origin``: see
+        :meth:`predict`.
         """
         valid = self.model.validity(imagery.export)
+        quality = imagery.input_quality()
         if not valid.any():
             shape = tuple(imagery.geobox.shape)
-            return Prediction(np.full(shape, np.nan, np.float32), np.zeros(shape, np.uint8), imagery.geobox)
+            return Prediction(np.full(shape, np.nan, np.float32), np.zeros(shape, np.uint8), imagery.geobox,
+                              quality=quality)
         pred = self.predict(self.model.preprocess(imagery.export), origin=origin)
-        return Prediction(pred.probability, pred.label, imagery.geobox).masked(valid)
+        return Prediction(pred.probability, pred.label, imagery.geobox, quality=quality).masked(valid)
 
     def _check_input(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 3:

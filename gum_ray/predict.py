@@ -1,8 +1,10 @@
 """Predict GUM export GeoTIFFs into Cloud-Optimized GeoTIFFs (``gum predict``).
 
-Output per input: a COG on the input's grid with band 1 = P(urban) as uint8 percent (0-100) and
-band 2 = class (0/1), 255 = no data in both (pixels the model does not map: without Sentinel-2 under GUM 1,
-without Sentinel-2 and Sentinel-1 under GUM 2.0). Scenes stream through the
+Output per input: a COG on the input's grid with band 1 = P(urban) as uint8 percent (0-100),
+band 2 = class (0/1), 255 = no data in both (pixels the model does not map: under GUM 1, those
+without Sentinel-2), and band 3 = input quality (uint8 bit flags 1 = Sentinel-2, 2 = Sentinel-1,
+4 = terrain, whatever the model mapped; 255 = not read: a column strip with nothing to map). The
+overviews are nearest (bands 2 and 3 hold classes and flags). Scenes stream through the
 engine in row blocks, so memory does not grow with the scene. Every output is written under a
 temporary name in the destination folder and renamed when complete: an interrupted run never leaves
 a file that looks finished.
@@ -26,7 +28,7 @@ from rasterio.windows import Window
 from gum_ray import bands
 from gum_ray.errors import InputError
 from gum_ray.export_io import ExportFile, list_exports, open_export
-from gum_ray.imagery import NODATA, probability_to_uint8
+from gum_ray.imagery import NODATA, input_quality, masks_from_export, probability_to_uint8
 from gum_ray.inference import CROP, InferenceEngine, crop_count
 from gum_ray.input_checks import UnitsCheck
 from gum_ray.network import check_compatible
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 STRIP_PX = 8192  # widest column strip predicted at once (memory does not follow the scene width)
 GDAL_CACHE_MB = 256
-BAND_DESCRIPTIONS = ("urban_probability_percent", "urban_class")
+BAND_DESCRIPTIONS = ("urban_probability_percent", "urban_class", "input_quality")
 
 
 @dataclasses.dataclass
@@ -110,16 +112,19 @@ def predict_file(
             with rasterio.open(plain, "w", **profile) as dst:
                 for r0, r1, k0, k1 in strips:
                     if not _strip_has_data(src, r0, r1, rows_per_block, model):
-                        # no pixel the model maps anywhere in the strip: no crops; blocks stay no data
+                        # nothing the model maps in the strip: no crops; its blocks stay no data
                         if progress is not None:
                             progress(crop_count(src.height, r1 - r0, stride))
                         continue
                     valid_rows: dict[int, np.ndarray] = {}
+                    quality_rows: dict[int, np.ndarray] = {}
 
-                    def read_rows(y0: int, y1: int, _r0=r0, _r1=r1, _valid=valid_rows) -> np.ndarray:
+                    def read_rows(y0: int, y1: int, _r0=r0, _r1=r1, _valid=valid_rows,
+                                  _quality=quality_rows) -> np.ndarray:
                         raw = src.read_window(y0, y1, _r0, _r1)
                         units.observe(raw)
                         _valid[y0] = model.validity(raw)
+                        _quality[y0] = _quality_of(raw, src.with_products)
                         return model.preprocess(raw)
 
                     # interior strips put crops on the scene's stride lattice: with a halo of one
@@ -131,12 +136,15 @@ def predict_file(
                     )
                     for y0, prob, label in rows:
                         valid = _valid_for(valid_rows, y0, prob.shape[0], src, model, (r0, r1))
+                        quality = _valid_for(quality_rows, y0, prob.shape[0], src, model, (r0, r1),
+                                             of=lambda raw: _quality_of(raw, src.with_products))
                         p8 = probability_to_uint8(prob, valid)[:, k0 - r0 : k1 - r0]
                         lab = label[:, k0 - r0 : k1 - r0].copy()
                         lab[p8 == NODATA] = NODATA
                         win = Window(k0, y0, k1 - k0, prob.shape[0])
                         dst.write(p8, 1, window=win)
                         dst.write(lab, 2, window=win)
+                        dst.write(np.ascontiguousarray(quality[:, k0 - r0 : k1 - r0]), 3, window=win)
                         wrote_any = wrote_any or bool((p8 != NODATA).any())
                 dst.descriptions = BAND_DESCRIPTIONS
                 prov = model.provenance()
@@ -151,12 +159,15 @@ def predict_file(
                 )
                 dst.update_tags(1, units="percent", meaning="P(urban) x 100, 255 = no data")
                 dst.update_tags(2, meaning="1 = urban, 0 = not urban, 255 = no data")
+                dst.update_tags(3, meaning="inputs present: bit flags 1 = Sentinel-2, 2 = Sentinel-1, "
+                                "4 = terrain; 255 = not read", flag_masks="1 2 4",
+                                flag_meanings="sentinel_2 sentinel_1 terrain")
             if not wrote_any:
                 log.warning("%s: no pixel has the data the model needs (Sentinel-2 for GUM 1; Sentinel-2 or "
                             "Sentinel-1 for GUM 2.0): the output is all "
                             "no data (255); %d crops were run", input_path, engine.crops_run - crops_before)
             cog_tmp = Path(tmpdir) / "cog.tif"
-            # nearest overviews: band 2 holds classes
+            # nearest overviews: band 2 holds classes, band 3 bit flags
             write_cog(plain, cog_tmp, overview_resampling="nearest")
             os.replace(cog_tmp, output_path)
         pixels = src.height * src.width
@@ -165,12 +176,21 @@ def predict_file(
 
 
 
+def _quality_of(raw: np.ndarray, with_products: bool) -> np.ndarray:
+    """Input-quality codes (bit flags) of a block of the export."""
+    return input_quality(masks_from_export(raw, with_products))
+
+
 def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFile, model,
-               cols: tuple[int, int] | None = None) -> np.ndarray:
-    """Validity (the model's rule) of rows [y0, y0 + n) of the column strip ``cols`` (default the
-    whole width), from blocks already read, else re-read."""
+               cols: tuple[int, int] | None = None, of: Callable[[np.ndarray], np.ndarray] | None = None
+               ) -> np.ndarray:
+    """The model's validity (or ``of(export block)``: another per-pixel array) of rows
+    [y0, y0 + n) of the column strip ``cols`` (default the whole width), from blocks already read,
+    else re-read."""
     c0, c1 = cols if cols is not None else (0, src.width)
-    out = np.zeros((n, c1 - c0), dtype=bool)
+    of = of or model.validity
+    first = next(iter(valid_rows.values()), None)
+    out = np.zeros((n, c1 - c0), dtype=bool if first is None else first.dtype)
     filled = np.zeros(n, dtype=bool)
     for top in sorted(valid_rows):
         block = valid_rows[top]
@@ -179,7 +199,7 @@ def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFi
             out[a - y0 : b - y0] = block[a - top : b - top]
             filled[a - y0 : b - y0] = True
     if not filled.all():
-        out = model.validity(src.read_window(y0, y0 + n, c0, c1))
+        out = of(src.read_window(y0, y0 + n, c0, c1))
     for top in [t for t in valid_rows if t + valid_rows[t].shape[0] <= y0 + n]:
         del valid_rows[top]
     return out
@@ -230,7 +250,7 @@ def _output_profile(src: ExportFile) -> dict:
         driver="GTiff",
         width=src.width,
         height=src.height,
-        count=2,
+        count=3,
         dtype="uint8",
         nodata=NODATA,
         crs=p["crs"],
@@ -241,6 +261,6 @@ def _output_profile(src: ExportFile) -> dict:
         compress="deflate",
         BIGTIFF="IF_SAFER",
         # strips without data are never written (strips are whole 512 px block columns): their
-        # blocks stay empty and read back as no data (255) in both bands
+        # blocks stay empty and read back as no data (255) in every band
         SPARSE_OK="TRUE",
     )

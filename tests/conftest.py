@@ -47,3 +47,12 @@ def store_root(request, tmp_path):
     else:
         request.getfixturevalue("gcs_emulator")
         yield f"gs://{TEST_BUCKET}/{request.node.name.replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def gum2_demo_model():
+    """The GUM 2.0 demo model's checkpoint (trained once per machine and recipe, then cached; see
+    :mod:`gum_ray.demo_gum2`): tests that need it share this one file."""
+    from gum_ray.demo_gum2 import ensure_gum2_demo_model
+
+    return ensure_gum2_demo_model()

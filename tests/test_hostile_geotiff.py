@@ -80,7 +80,7 @@ def test_all_nan_scene_runs_no_crops_and_says_so(tmp_path, ckpt):
     r = gum_cli("predict", src, out, "--checkpoint", ckpt, "--quiet")
     assert r.returncode == 0, r.stderr
     lines = error_lines(r.stderr)
-    assert [ln for ln in lines if "no pixel has Sentinel-2 data" in ln and "0 crops were run" in ln], lines
+    assert [ln for ln in lines if "no pixel has the data the model needs" in ln and "0 crops were run" in ln], lines
     with rasterio.open(out) as o:
         assert (o.read() == 255).all()
 
@@ -149,7 +149,7 @@ def test_rows_without_data_above_valid_rows_are_no_data_in_both_bands(tmp_path, 
     loaded = load_checkpoint(ckpt)
     predict_file(InferenceEngine(loaded.model), src, tmp_path / "o.tif")
     with rasterio.open(tmp_path / "o.tif") as o:
-        prob, cls = o.read()
+        prob, cls, _quality = o.read()
     assert (prob[:250] == 255).all() and (cls[:250] == 255).all()
     assert (prob[250:] <= 100).all() and set(np.unique(cls[250:])) <= {0, 1}
 

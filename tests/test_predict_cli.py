@@ -40,11 +40,16 @@ def test_predict_real_patch_writes_a_valid_cog_on_the_input_grid(tmp_path, ckpt)
     valid, errors, warnings = cog_validate(str(out), strict=True)
     assert valid, (errors, warnings)
     with rasterio.open(src) as a, rasterio.open(out) as b:
-        assert b.count == 2 and b.dtypes == ("uint8", "uint8") and b.nodata == 255
+        assert b.count == 3 and b.dtypes == ("uint8", "uint8", "uint8") and b.nodata == 255
         assert (b.crs, b.transform, b.shape) == (a.crs, a.transform, a.shape)
-        assert b.descriptions == ("urban_probability_percent", "urban_class")
+        assert b.descriptions == ("urban_probability_percent", "urban_class", "input_quality")
         assert len(b.tags()["checkpoint_sha256"]) == 64
-        prob, cls = b.read()
+        prob, cls, quality = b.read()
+        export = a.read(out_dtype="float32")
+    # band 3: which inputs each pixel had (bits 1 = S2, 2 = S1, 4 = terrain), from the input's NaNs
+    expect = (np.isfinite(export[0:4]).all(0) * 1 + np.isfinite(export[4:8]).all(0) * 2
+              + np.isfinite(export[8:11]).all(0) * 4)
+    np.testing.assert_array_equal(quality, expect)
     assert prob.max() <= 100 and set(np.unique(cls)) <= {0, 1}
     np.testing.assert_array_equal(cls, (prob > 50).astype(np.uint8) | ((prob == 50) & (cls == 1)))
 
@@ -55,11 +60,12 @@ def test_no_sentinel2_is_no_data_and_big_scene_streams(tmp_path, ckpt):
     assert gum("predict", path, out, "--checkpoint", ckpt, "--quiet", "--batch-size", "4") == 0
     with rasterio.open(path) as a, rasterio.open(out) as b:
         s2 = a.read(1)
-        prob, cls = b.read()
+        prob, cls, quality = b.read()
     nodata = ~np.isfinite(s2)
     assert nodata[:, 0].all()  # the README says column 0 has no S2
     np.testing.assert_array_equal(prob == 255, nodata)
     np.testing.assert_array_equal(cls == 255, nodata)
+    assert ((quality[nodata] & 1) == 0).all() and ((quality[~nodata] & 1) == 1).all()
 
 
 def test_folder_mode_skip_and_overwrite(tmp_path, ckpt, capsys):

@@ -21,6 +21,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="with --evaluate: evaluate this checkpoint instead of the demo model")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     p.add_argument("--max-seconds", type=float, help="training time budget in seconds (default: the recipe's)")
+    p.add_argument("--model", choices=("gum1", "gum2"), default="gum1",
+                   help="which family's demo model: gum1 (default) or gum2 (GUM 2.0, trained with the "
+                        "authors' missing-modality corruption; its cache is gum2-<hash>.pth)")
     return p
 
 
@@ -33,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
 
     def say(m: str) -> None:
         print(m, file=sys.stderr, flush=True)
+
+    if args.model == "gum2":
+        return _run_gum2(args, say)
 
     changes = {}
     if args.steps is not None:
@@ -64,5 +70,55 @@ def run(args: argparse.Namespace) -> int:
         for name, m in res.per_area.items():
             say(f"  {name:12s} IoU {m.iou:.4f}  F1 {m.f1:.4f}  ({m.tp + m.fn} urban px)")
         say(f"held-out IoU {res.iou:.4f} (year {res.year}, {res.seconds:.1f} s)")
+    print(target)
+    return 0
+
+
+def _run_gum2(args: argparse.Namespace, say) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from gum_ray.demo_gum2 import (
+        Gum2DemoRecipe,
+        default_path,
+        ensure_gum2_demo_model,
+        evaluate_model,
+        train_gum2_demo_model,
+    )
+    from gum_ray.network import load_model
+
+    changes = {}
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.max_seconds is not None:
+        changes["max_train_seconds"] = args.max_seconds
+    recipe = dataclasses.replace(Gum2DemoRecipe(), **changes)
+    path = Path(args.out).expanduser() if args.out else default_path(recipe)
+    if args.checkpoint and not args.evaluate:
+        say("gum demo-model: --checkpoint is used with --evaluate; nothing to do")
+        return 2
+    if not args.checkpoint:
+        if args.force:
+            res = train_gum2_demo_model(path, recipe, echo=say)
+            say(f"trained in {res.train_seconds:.0f} s ({res.steps} steps), {res.total_seconds:.0f} s in all")
+        else:
+            path = ensure_gum2_demo_model(path, recipe, echo=say)
+    target = Path(args.checkpoint) if args.checkpoint else path
+    model = load_model(target, family="gum2")
+    info = model.meta.get("gum_ray_demo", {})
+    if info:
+        held, cloudy = info.get("held_out", {}), info.get("held_out_clouds", {})
+        say(f"GUM 2.0 demo model {target}: width {model.spec.width}, {info.get('steps_done')} steps in "
+            f"{info.get('train_seconds', 0):.0f} s ({info.get('precision')}, {info.get('threads')} threads); "
+            f"held-out IoU at training {held.get('total', {}).get('iou', float('nan')):.4f}; with clouds "
+            f"{cloudy.get('s2_present', {}).get('iou', float('nan')):.4f} where S2 is present, "
+            f"{cloudy.get('s2_missing', {}).get('iou', float('nan')):.4f} where it is missing")
+    if args.evaluate:
+        res = evaluate_model(model, recipe.held_out_areas, year=recipe.held_out_year,
+                             size=recipe.held_out_area_px, clouds=True)
+        for name, m in res.per_area.items():
+            say(f"  {name:12s} IoU {m.iou:.4f}  F1 {m.f1:.4f}  ({m.tp + m.fn} urban px mapped)")
+        say(f"with clouds: no data {res.nodata_share:.2%}; IoU {res.s2_present.iou:.4f} where S2 is present, "
+            f"{res.s2_missing.iou:.4f} where it is missing (year {res.year}, {res.seconds:.1f} s)")
     print(target)
     return 0

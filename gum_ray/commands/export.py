@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {res.path}: {res.width} x {res.height} px, level {res.level}, "
         f"{res.valid_px:,} px with data"
+        + (f"; input quality: {res.quality_path}" if res.quality_path else "")
     )
     return 0
 

@@ -82,10 +82,11 @@ class MapJob:
         return Cell(row, col, self.grid)
 
     def resolved_checkpoint(self, source: Any = None) -> str:
-        """The checkpoint to use: the given one, or the source's default (the synthetic world's demo model)."""
-        from gum_ray.demo_model import resolve_checkpoint
+        """The checkpoint to use: the given one, or the source's default (the synthetic world's demo
+        model of the job's family: GUM 2.0's with ``model="gum2"``, else GUM 1's)."""
+        from gum_ray.demo_gum2 import resolve_demo_checkpoint
 
-        return resolve_checkpoint(self.checkpoint, source or self.make_source())
+        return resolve_demo_checkpoint(self.checkpoint, source or self.make_source(), self.model)
 
     def settings_record(self) -> dict[str, Any]:
         """What decides the output bytes: recorded in every commit marker."""

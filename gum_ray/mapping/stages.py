@@ -1,11 +1,17 @@
 """The three stages of a mapping job, as plain Python (Ray wraps them in :mod:`.runner`).
 
 * :func:`fetch_cell`: cell -> its UTM 10 m GeoBox (+ halo) -> imagery source -> imagery cache.
-  Skips the source when the cache already holds the cell (no Earth Engine quota spent twice).
+  Skips the source when the cache already holds the cell (no Earth Engine quota spent twice) under
+  the source's key (:meth:`~gum_ray.sources.base.ImagerySource.cache_key`: name, recipe version,
+  bands and the settings that decide the pixels, such as the synthetic world's clouds). The cache
+  does not depend on the model: with ``--keep-cache``, a new checkpoint (any family) re-maps cached
+  cells into a new product without fetching.
 * :class:`CellPredictor`: cached :class:`~gum_ray.imagery.Imagery` -> the model's preprocessing ->
   overlap-blend inference -> a :class:`~gum_ray.imagery.Prediction` on the UTM grid (P(urban) as
-  float16, NaN = no data). Holds the model; one per GPU (or CPU) as a Ray actor.
-* :func:`write_cell`: the Prediction -> warp -> product grid -> one whole shard -> commit marker.
+  float16, NaN = no data where the model's ``validity`` says so, and the input quality). Holds the
+  model; one per GPU (or CPU) as a Ray actor.
+* :func:`write_cell`: the Prediction -> warp (bilinear P(urban), nearest input quality) -> product
+  grid -> one whole shard per variable -> commit marker.
 
 Fetch and write return a small dict (what happened, timings); errors propagate as exceptions and
 the runner records them against the cell. A source with a shared request cap gets the job's limiter
@@ -143,6 +149,7 @@ class CellPredictor:
             pred.probability.astype(np.float16), None, imagery.geobox,
             {"source_dates": imagery.provenance.get("dates"), "predict_s": time.perf_counter() - t0,
              "crops": self.engine.crops_run, "model_family": self.model.family},
+            quality=pred.quality,
         )
 
 
@@ -157,26 +164,31 @@ def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction
     """
     from gum_ray.store.manifest import Manifest, write_and_commit
     from gum_ray.store.product import ProductStore
-    from gum_ray.warp import warp_probability
+    from gum_ray.warp import warp_codes, warp_probability
 
     t0 = time.perf_counter()
     cell = job.cell(row, col)
     prob = warp_probability(predicted.probability.astype(np.float32), predicted.geobox, cell.product_geobox())
+    quality = None
+    if predicted.quality is not None:
+        quality = warp_codes(predicted.quality, predicted.geobox, cell.product_geobox())
     if run_id is not None:
         from gum_ray.mapping.lease import assert_lease_held
 
         assert_lease_held(job.product, run_id, lease_generation)
     product = ProductStore.open(job.product, writable=True)
     dates = predicted.provenance.get("source_dates")
+    extra: dict[str, Any] = {"run_id": run_id, "lease_generation": lease_generation} if run_id else {}
+    if predicted.provenance.get("model_family"):
+        extra["model_family"] = predicted.provenance["model_family"]
     result, committed = write_and_commit(
-        product, Manifest(job.product, job.grid), year, cell, prob,
+        product, Manifest(job.product, job.grid), year, cell, prob, quality=quality,
         checkpoint_sha256=checkpoint_sha256,
         settings=job.settings_record(),
         source=job.source,
         source_dates=list(dates) if isinstance(dates, (list, tuple)) else None,
         times={"write_s": round(time.perf_counter() - t0, 3), **(extra_times or {})},
-        extra={"model_family": predicted.provenance.get("model_family"),
-               **({"run_id": run_id, "lease_generation": lease_generation} if run_id else {})},
+        extra=extra or None,
     )
     if not job.keep_cache:  # committed: its imagery is not needed again (unless kept to map again)
         job.imagery_cache().delete(year, cell)

@@ -103,9 +103,9 @@ class PatchJob:
         without labels."""
         if not self.labels:
             return None
-        from gum_ray.demo_model import resolve_checkpoint
+        from gum_ray.demo_gum2 import resolve_demo_checkpoint
 
-        return resolve_checkpoint(self.checkpoint, source or self.make_source())
+        return resolve_demo_checkpoint(self.checkpoint, source or self.make_source(), self.model)
 
 
 @dataclasses.dataclass

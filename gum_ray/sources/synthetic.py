@@ -13,6 +13,7 @@ float32 arithmetic the decoder uses, so an encode/decode round trip (the Earth E
 is exact.
 
 Public API: :func:`render`, :func:`world_export`, :func:`class_map`, :func:`ground_truth`,
+:func:`cloud_cover`,
 :func:`is_land`, :func:`is_ocean`, :func:`towns_near`, :data:`DEMO_BBOX`, :data:`OCEAN_BBOX`,
 :class:`SyntheticSource` (options :class:`SyntheticOptions`).
 """
@@ -68,12 +69,14 @@ def render(
     with_products: bool = False,
     modalities_wanted: Iterable[str] | None = None,
     block_rows: int = 256,
+    clouds: bool = False,
 ) -> tuple[Imagery, np.ndarray | None]:
     """Sample the synthetic world on ``geobox`` for ``year``: (imagery, class map).
 
     ``modalities_wanted`` limits the work to some modalities (``s2``, ``s1``, ``terrain``,
-    ``products``); the other bands are NaN. The class map is uint8 ``CLASS_*`` codes (None when only
-    terrain was rendered). No year validation here: see :class:`SyntheticSource`.
+    ``products``); the other bands are NaN. With ``clouds``, Sentinel-2 is NaN under the year's
+    clouds (:mod:`gum_ray.sources.synthetic_clouds`). The class map is uint8 ``CLASS_*`` codes
+    (None when only terrain was rendered). No year validation here: see :class:`SyntheticSource`.
     """
     geobox = check_geobox(geobox, source="synthetic world")
     year = int(year)
@@ -103,6 +106,8 @@ def render(
     if pix:
         for r0 in range(0, frame.h, block_rows):
             _render_rows(frame, cls, r0, min(frame.h, r0 + block_rows), fields, pix, views)
+    if clouds and "s2" in want:
+        _apply_clouds(frame, year, export[MODALITY_SLICES["s2"]], block_rows)
     if "products" in want:
         water = _water_only(cls)
         prod = export[MODALITY_SLICES["products"]]
@@ -110,9 +115,30 @@ def render(
             c = cls if yr == year else _class_map(frame, yr, water=water)
             urban = (c == CLASS_TOWN) | ((c == CLASS_ROAD) if roads else False)
             prod[b] = urban.astype(np.float32)
-    provenance = {"source": "synthetic", "year": year, "world": WORLD}
+    provenance = {"source": "synthetic", "year": year, "world": WORLD, "clouds": bool(clouds)}
     imagery = Imagery.from_export(export, geobox, provenance, with_products=with_products)
     return imagery, None if want <= {"terrain"} else cls
+
+
+def _apply_clouds(frame: _Frame, year: int, s2: np.ndarray, block_rows: int) -> None:
+    """Set Sentinel-2 to NaN under the year's clouds, in place."""
+    from gum_ray.sources.synthetic_clouds import cloud_margin, cloud_mask, frame_may_be_overcast
+
+    passes = frame.xpass(cloud_margin(frame.node_lon, frame.node_lat, year), dtype=np.float32)
+    any_overcast = frame_may_be_overcast(frame, year)
+    for r0 in range(0, frame.h, block_rows):
+        r1 = min(frame.h, r0 + block_rows)
+        cloud = cloud_mask(frame, year, r0, r1, passes, any_overcast)
+        s2[:, r0:r1][:, cloud] = np.nan
+
+
+def cloud_cover(geobox: GeoBox, year: int) -> np.ndarray:
+    """Where the synthetic world's clouds hide Sentinel-2 on ``geobox`` in ``year``: bool (H, W)."""
+    from gum_ray.sources.synthetic_clouds import cloud_mask, cloud_margin, frame_may_be_overcast
+
+    frame = _Frame(check_geobox(geobox, source="synthetic world"))
+    passes = frame.xpass(cloud_margin(frame.node_lon, frame.node_lat, int(year)), dtype=np.float32)
+    return cloud_mask(frame, int(year), 0, frame.h, passes, frame_may_be_overcast(frame, int(year)))
 
 
 def urban(classes: np.ndarray) -> np.ndarray:
@@ -142,7 +168,11 @@ def ground_truth(geobox: GeoBox, year: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticOptions(SourceOptions):
-    """The synthetic world's options: only ``with_products`` (the world has every product)."""
+    """The synthetic world's options: ``with_products`` (the world has every product) and
+    ``clouds`` (Sentinel-2 missing under the year's clouds, :mod:`gum_ray.sources.synthetic_clouds`;
+    off by default, so the cloud-free world of earlier versions stays the default)."""
+
+    clouds: bool = False
 
 
 class SyntheticSource(ImagerySource):
@@ -158,7 +188,7 @@ class SyntheticSource(ImagerySource):
     default_checkpoint = "demo"
 
     def _fetch(self, geobox: GeoBox, year: int) -> Imagery:
-        imagery, classes = render(geobox, year, with_products=self.with_products)
+        imagery, classes = render(geobox, year, with_products=self.with_products, clouds=self.options.clouds)
         imagery.provenance.update({
             "dates": [f"{year}-01-01", f"{year + 1}-01-01"],
             "collections": {"s2": "synthetic", "s1": "synthetic", "terrain": "synthetic"}
@@ -172,6 +202,10 @@ class SyntheticSource(ImagerySource):
         w, s, e, n = bounds
         lon, lat = np.meshgrid(np.linspace(w, e, 9), np.linspace(s, n, 9))
         return bool(np.asarray(is_land(lon, lat)).any())
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Clouds change the imagery: a cached cell rendered with the other setting is refetched."""
+        return {"clouds": bool(self.options.clouds)}
 
     def ground_truth(self, geobox: GeoBox, year: int) -> np.ndarray:
         """The urban ground truth for the same grid and year."""

@@ -9,6 +9,10 @@ GDAL before 3.13 (rasterio's wheels, QGIS 4.0) cannot read sharded Zarr v3, so `
                                            (QGIS: drag it in; GDAL uses the COGs' overviews)
     OUT/<year>/collection.json             a STAC 1.x collection, one item per COG (projection and
     OUT/<year>/items/<item id>.json        raster extensions), the VRT as a collection asset
+    OUT/<year>/quality/<cell id>.tif       where the product records it: the cell's input quality
+    OUT/<year>/gum_<year>_quality.vrt      (uint8 bit flags 1 = Sentinel-2, 2 = Sentinel-1,
+                                           4 = terrain, 255 = not mapped; nearest overviews), its
+                                           VRT, and an ``input_quality`` asset on each STAC item
 
 COGs already there are kept (resume; each is written under a temporary name and renamed). The VRT
 and the STAC collection are rewritten from all COGs of the year in the folder at the end.
@@ -55,7 +59,8 @@ def _cells_in(cells: Sequence[Cell], aoi: AOI | None) -> list[Cell]:
     return [c for c in cells if any(box(*c.bounds).intersection(p).area > 0 for p in aoi.parts)]
 
 
-def vrt_xml(year: int, cells: Sequence[Cell], names: Sequence[str]) -> str:
+def vrt_xml(year: int, cells: Sequence[Cell], names: Sequence[str],
+            description: str = "P(urban) percent") -> str:
     """A VRT mosaic of the cells' COGs (``names``: paths relative to the VRT) on the product grid."""
     n = cells[0].grid.cell_px
     r0, r1 = min(c.row for c in cells), max(c.row for c in cells) + 1
@@ -81,7 +86,7 @@ def vrt_xml(year: int, cells: Sequence[Cell], names: Sequence[str]) -> str:
         f'  <GeoTransform>{gt}</GeoTransform>\n'
         f'  <Metadata><MDI key="gum_year">{year}</MDI><MDI key="software">gum-ray {__version__}</MDI></Metadata>\n'
         f'  <VRTRasterBand dataType="Byte" band="1">\n'
-        f'    <Description>P(urban) percent, {year}</Description>\n'
+        f'    <Description>{escape(description)}, {year}</Description>\n'
         f'    <NoDataValue>{NODATA}</NoDataValue>\n'
         f'    <ColorInterp>Gray</ColorInterp>\n'
         + "\n".join(sources) + "\n"
@@ -91,7 +96,7 @@ def vrt_xml(year: int, cells: Sequence[Cell], names: Sequence[str]) -> str:
 
 
 def stac_collection(year: int, cells: Sequence[Cell], cog_names: Sequence[str], vrt_name: str,
-                    product_root: str) -> Any:
+                    product_root: str, quality_names: Sequence[str | None] | None = None) -> Any:
     """A pystac Collection with one item per COG (hrefs relative, as given)."""
     import pystac
 
@@ -115,7 +120,7 @@ def stac_collection(year: int, cells: Sequence[Cell], cog_names: Sequence[str], 
     )
     coll.add_asset("mosaic", pystac.Asset(href=vrt_name, media_type=VRT_MEDIA_TYPE, roles=["data"],
                                           title=f"GDAL VRT mosaic of all COGs ({year})"))
-    for cell, name in zip(cells, cog_names):
+    for k, (cell, name) in enumerate(zip(cells, cog_names)):
         cw, cs, ce, cn = cell.bounds
         npx = cell.grid.cell_px
         item = pystac.Item(
@@ -137,6 +142,13 @@ def stac_collection(year: int, cells: Sequence[Cell], cog_names: Sequence[str], 
             extra_fields={"raster:bands": [{"nodata": NODATA, "data_type": "uint8", "unit": "percent",
                                             "spatial_resolution": PIXEL_DEG}]},
         ))
+        if quality_names is not None and quality_names[k]:
+            item.add_asset("input_quality", pystac.Asset(
+                href=quality_names[k], media_type=pystac.MediaType.COG, roles=["metadata"],
+                title="input quality (bit flags: 1 Sentinel-2, 2 Sentinel-1, 4 terrain; 255 not mapped)",
+                extra_fields={"raster:bands": [{"nodata": NODATA, "data_type": "uint8",
+                                                "spatial_resolution": PIXEL_DEG}]},
+            ))
         coll.add_item(item)
     return coll
 
@@ -170,7 +182,9 @@ def export_cogs(
     todo = [c for c in cells if f"{c.id}.tif" not in have]
 
     def one(cell: Cell) -> None:
-        export_cog(p, fs.join(year_dir, "cogs", f"{cell.id}.tif"), year=year, aoi=AOI.from_bbox(*cell.bounds))
+        # the quality COG first: a cell's P(urban) COG existing means both are complete (resume)
+        export_cog(p, fs.join(year_dir, "cogs", f"{cell.id}.tif"), year=year, aoi=AOI.from_bbox(*cell.bounds),
+                   quality_out=fs.join(year_dir, "quality", f"{cell.id}.tif"))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         list(pool.map(one, todo))
@@ -182,9 +196,16 @@ def export_cogs(
     )
     names = [f"cogs/{c.id}.tif" for c in all_cells]
     vrt_name = f"gum_{year}.vrt"
+    have_q = set(fs.list_names(fs.join(year_dir, "quality")))
+    q_names = [f"quality/{c.id}.tif" if f"{c.id}.tif" in have_q else None for c in all_cells]
     with tempfile.TemporaryDirectory(prefix="gum-cogs-") as tmp:
         (Path(tmp) / vrt_name).write_text(vrt_xml(year, all_cells, names), encoding="utf-8")
-        coll = stac_collection(year, all_cells, [f"../{n}" for n in names], vrt_name, p.root)
+        if any(q_names):
+            q_cells = [c for c, q in zip(all_cells, q_names) if q]
+            (Path(tmp) / f"gum_{year}_quality.vrt").write_text(
+                vrt_xml(year, q_cells, [q for q in q_names if q], "input quality (bit flags)"), encoding="utf-8")
+        coll = stac_collection(year, all_cells, [f"../{n}" for n in names], vrt_name, p.root,
+                               [f"../{q}" if q else None for q in q_names])
         # items in items/<item id>.json, their assets relative to them (../cogs/...)
         coll.normalize_hrefs(tmp, strategy=TemplateLayoutStrategy(item_template="items"))
         coll.save(catalog_type=pystac.CatalogType.SELF_CONTAINED)

@@ -370,14 +370,16 @@ def write_and_commit(
     source_dates: tuple[str, str] | list[str] | None,
     times: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    quality: np.ndarray | None = None,
 ) -> tuple[Any, bool]:
-    """The write stage's protocol: write the cell's data, then its commit marker.
+    """The write stage's protocol: write the cell's data (P(urban), and the input quality when
+    given), then its commit marker.
 
     Returns ``(CellWriteResult, committed_now)``. Safe to repeat: the data write is idempotent and
     the marker create-only.
     """
     started = utc_now()
-    result = product.write_cell(year, cell, probability)
+    result = product.write_cell(year, cell, probability, quality)
     t = {"write_started": started, "write_seconds": round(result.seconds, 4), **dict(times or {})}
     committed = manifest.commit(
         year,

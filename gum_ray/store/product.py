@@ -6,6 +6,9 @@ Layout (``<root>`` is a local folder or ``gs://bucket/prefix``)::
                                         consolidated metadata of every array below
     <root>/probability                  uint8 (year, y, x), 0-100 %, 255 = no data; one shard per
                                         cell (1, cell_px, cell_px), inner chunks (1, chunk_px, chunk_px)
+    <root>/input_quality                uint8 (year, y, x) bit flags 1 = S2, 2 = S1, 4 = terrain,
+                                        255 = not mapped; same shards (:mod:`.quality`; absent in
+                                        products written before it existed)
     <root>/year                         int32 (year)     calendar year of each index
     <root>/y, <root>/x                  float64 pixel-centre latitude (descending) / longitude
     <root>/pixel_area                   float64 (y)      geodesic area of one pixel in m^2 (WGS84)
@@ -58,6 +61,7 @@ from gum_ray.grid import (
 )
 from gum_ray.imagery import NODATA
 from gum_ray.store import fs
+from gum_ray.store.quality import QUALITY, and_2x2, encode_quality, quality_attrs
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +246,7 @@ class ProductStore:
         self._attrs = attrs
         self._years: list[int] | None = None
         self._arrays: dict[tuple[int, str], Any] = {}
+        self._has_quality: bool | None = None
 
     # ---- construction
 
@@ -290,6 +295,12 @@ class ProductStore:
                     compressors=[ZstdCodec(level=settings.zstd_level)],
                     dimension_names=["year", "y", "x"],
                     attributes=_probability_attrs(settings, level),
+                )
+                lg.create_array(
+                    QUALITY, shape=(0, h, w), shards=(1, grid.cell_px, grid.cell_px),
+                    chunks=(1, grid.chunk_px, grid.chunk_px), dtype="uint8", fill_value=NODATA,
+                    compressors=[ZstdCodec(level=settings.zstd_level)], dimension_names=["year", "y", "x"],
+                    attributes=quality_attrs(level),
                 )
                 lg.create_array(
                     "year", shape=(0,), chunks=(1024,), dtype="int32", fill_value=0,
@@ -400,11 +411,23 @@ class ProductStore:
                 self._arrays[key] = self._group[f"{_level_group(level)}/{name}".lstrip("/")]
         return self._arrays[key]
 
+    @property
+    def has_quality(self) -> bool:
+        """Whether the product has the ``input_quality`` variable (products before it do not)."""
+        if self._has_quality is None:
+            try:
+                self._array(0, QUALITY)
+                self._has_quality = True
+            except Exception:  # noqa: BLE001 - zarr raises KeyError / its own NodeNotFound
+                self._has_quality = False
+        return bool(self._has_quality)
+
     def refresh(self) -> None:
         """Forget cached metadata (after another process added a year)."""
         self._group = None
         self._arrays.clear()
         self._years = None
+        self._has_quality = None
 
     @property
     def years(self) -> list[int]:
@@ -444,8 +467,9 @@ class ProductStore:
             return years.index(year)
         n = len(years)
         for level in range(self.settings.overview_levels + 1):
-            prob = self._array(level, PROBABILITY, writable=True)
-            prob.resize((n + 1,) + prob.shape[1:])
+            for name in (PROBABILITY, QUALITY) if self.has_quality else (PROBABILITY,):
+                arr = self._array(level, name, writable=True)
+                arr.resize((n + 1,) + arr.shape[1:])
             ya = self._array(level, "year", writable=True)
             ya.resize((n + 1,))
             ya[n] = year
@@ -483,12 +507,16 @@ class ProductStore:
         except FileNotFoundError:
             return None
 
-    def write_cell(self, year: int, cell: Cell, probability: np.ndarray) -> CellWriteResult:
+    def write_cell(self, year: int, cell: Cell, probability: np.ndarray,
+                   quality: np.ndarray | None = None) -> CellWriteResult:
         """Write one whole cell (one shard) for ``year`` in one call; idempotent.
 
         ``probability`` is on the cell's product GeoBox (``cell.shape``): float 0-1 with NaN for no
         data, or uint8 percent with 255. The same input always gives the same stored bytes; a cell
-        with no valid pixel stores nothing (and removes a shard written before).
+        with no valid pixel stores nothing (and removes a shard written before). ``quality``, the
+        input-quality codes on the same grid (uint8, 255 = not mapped), goes into its own shard of
+        ``input_quality`` when given and the product has that variable (an older product does not:
+        it is skipped there).
         """
         import time
 
@@ -506,6 +534,11 @@ class ProductStore:
             self.refresh()
             arr = self._array(0, PROBABILITY, writable=True)
         arr[yi : yi + 1, cell.y_slice, cell.x_slice] = data[None]
+        if quality is not None and self.has_quality:
+            q = encode_quality(quality)
+            if q.shape != cell.shape:
+                raise InputError(f"input quality for cell {cell.id} has shape {q.shape}; the cell is {cell.shape}")
+            self._array(0, QUALITY, writable=True)[yi : yi + 1, cell.y_slice, cell.x_slice] = q[None]
         valid = data != NODATA
         nvalid = int(valid.sum())
         return CellWriteResult(
@@ -526,14 +559,15 @@ class ProductStore:
         return np.asarray(self._array(0)[yi, cell.y_slice, cell.x_slice])
 
     def read_window(
-        self, year: int | Sequence[int] | None, rows: slice, cols: slice, level: int = 0
+        self, year: int | Sequence[int] | None, rows: slice, cols: slice, level: int = 0,
+        variable: str = PROBABILITY,
     ) -> np.ndarray:
-        """Stored uint8 values in a global pixel window at ``level``.
+        """Stored uint8 values of ``variable`` in a global pixel window at ``level``.
 
         ``year`` one year -> (h, w); a list or None (all years) -> (n_years, h, w).
         """
         self._check_level(level)
-        arr = self._array(level)
+        arr = self._array(level, variable)
         if year is None or not isinstance(year, (int, np.integer)):
             idx = [self.year_index(y) for y in (self.years if year is None else year)]
             if not idx:
@@ -582,8 +616,8 @@ class ProductStore:
             raise InputError("overview levels start at 1 (level 0 is the product itself)")
         self._check_level(level)
         n = self.grid.cell_px
-        src = self._array(level - 1)
-        dst = self._array(level, writable=True)
+        names = (PROBABILITY, QUALITY) if self.has_quality else (PROBABILITY,)
+        src, dst = self._array(level - 1), self._array(level, writable=True)
         year_idx = [self.year_index(y) for y in (self.years if years is None else years)]
         if not year_idx:
             return False
@@ -592,10 +626,13 @@ class ProductStore:
         rows = slice(2 * r0, min(2 * r1, src.shape[1]))
         cols = slice(2 * c0, min(2 * c1, src.shape[2]))
         any_data = False
-        for yi in year_idx:
-            out = mean_2x2(np.asarray(src[yi, rows, cols]))[: r1 - r0, : c1 - c0]
-            dst[yi : yi + 1, r0:r1, c0:c1] = out[None]
-            any_data |= bool((out != NODATA).any())
+        for name in names:
+            src, dst = self._array(level - 1, name), self._array(level, name, writable=True)
+            reduce = mean_2x2 if name == PROBABILITY else and_2x2
+            for yi in year_idx:
+                out = reduce(np.asarray(src[yi, rows, cols]))[: r1 - r0, : c1 - c0]
+                dst[yi : yi + 1, r0:r1, c0:c1] = out[None]
+                any_data |= name == PROBABILITY and bool((out != NODATA).any())
         return any_data
 
     def build_overviews(

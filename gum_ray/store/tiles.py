@@ -7,7 +7,7 @@ Layout written by :func:`write_tiles` (``gum tiles``) under ``OUT`` (a local fol
     OUT/<year>/{z}/{x}/{y}.png          256 x 256 palette PNGs of P(urban)
     OUT/<year>/tiles.json               TileJSON 3.0 + a ``gum`` member: the written cells, the ramp
     OUT/<year>/quality/{z}/{x}/{y}.png  input-quality codes at the top zoom (only when the product
-                                        has the ``input_quality`` variable)
+                                        has the ``input_quality`` variable with data for the year)
     OUT/<year>.pmtiles                  optional: the same PNGs in one PMTiles v3 archive
 
 **Which tiles.** Exactly ``mercantile.tiles(*cell.bounds, z)`` over every *written* cell (a cell
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 TILE_PX = 256
 MAX_ZOOM = 22
 METATILE = 8  # tiles are rendered in blocks of up to 8 x 8 sharing one read of the product
-QUALITY = "input_quality"  # per-pixel input-quality codes (added to the product by a later issue)
+QUALITY = "input_quality"  # per-pixel input-quality codes (gum_ray.store.quality)
 RAY_MIN_TILES = 20_000  # runs with more tiles than this go to Ray (``backend="auto"``)
 
 # (percent, "#rrggbb") stops of the colour ramp: ColorBrewer YlOrRd (5 classes), linear in RGB
@@ -236,7 +236,9 @@ class TileRenderer:
         self.cells = list(written_cells(self.product, self.year) if cells is None else cells)
         self.cell_set = {(c.row, c.col) for c in self.cells}
         self.levels = self.product.settings.overview_levels
-        self.has_quality = _has_array(self.product, QUALITY)
+        # recorded = the variable exists (products before it lack it) and holds this year's data
+        self.has_quality = _has_array(self.product, QUALITY) and bool(
+            fs.find(fs.join(self.product.root, QUALITY, "c", str(self.year_idx))))
         self._shards: dict[int, set[tuple[int, int]]] = {}
         self._lock = threading.Lock()
 
