@@ -13,7 +13,9 @@ under load) on crops of 128 px, 4 a batch (an eighth of the cost of a step of 8 
 on a 2-core machine shared with other work a 4 x 256 px step took up to 19 s, and 13 steps in the
 time budget learnt nothing; 49 steps of 8 x 128 px reached an urban IoU of 0.31 only). The time
 budget (360 s) stops training early, but never before ``min_steps`` (100), after which the
-learning-rate schedule follows the steps. Inference uses 256 px crops as always.
+learning-rate schedule follows the steps. Inference uses 256 px crops as always. Training runs on
+one thread: on a 2-core machine shared with other work, OpenMP's spin-waiting made two threads
+five times slower (11 s a step against 2.3 s).
 
 **The authors' corruption scheme.** The student of GUM 2.0 was trained on batches where a modality
 is missing, with a missing modality set to the normalised value 0 (``INPUT.MASK_VALUE``). Each
@@ -312,11 +314,19 @@ def train_gum2_demo_model(
     echo: Callable[[str], None] | None = None,
 ) -> Gum2DemoResult:
     """Train the GUM 2.0 demo model with ``recipe`` (corrupted batches), evaluate it, save it to ``out``."""
+    recipe = recipe or Gum2DemoRecipe()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(out, recipe, echo or (lambda _m: None))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(out: str | os.PathLike[str], recipe: Gum2DemoRecipe, say: Callable[[str], None]) -> Gum2DemoResult:
     from gum_ray.gum2 import build_network
     from gum_ray.training import lr_at, train_step, training_autocast
 
-    recipe = recipe or Gum2DemoRecipe()
-    say = echo or (lambda _m: None)
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)

@@ -33,15 +33,21 @@ from gum_ray.inference import InferenceSettings  # noqa: E402
 from gum_ray.network import load_model  # noqa: E402
 
 
-def fmt(v: float) -> str:
-    return "-" if v != v else f"{v:.3f}"
+def fmt(m) -> str:
+    """A Metrics' IoU, "-" where it scored no pixel (GUM 1 maps none without S2)."""
+    return "-" if m.tp + m.fp + m.fn + m.tn == 0 else f"{m.iou:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--year", type=int, default=2021)
     ap.add_argument("--size", type=int, default=768, help="side of each held-out area in 10 m px")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core machine two threads spin-wait)")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     settings = InferenceSettings(precision="fp32")
     rows = []
     for family, ensure in (("GUM 1", ensure_demo_model), ("GUM 2.0", ensure_gum2_demo_model)):
@@ -54,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for family, ev in rows:
         print(f"| {family} | {100 * ev.s2_missing_px / ev.pixels:.1f} | {100 * ev.nodata_share:.1f} | "
-              f"{fmt(ev.iou)} | {fmt(ev.s2_present.iou)} | {fmt(ev.s2_missing.iou)} |")
+              f"{fmt(ev.all)} | {fmt(ev.s2_present)} | {fmt(ev.s2_missing)} |")
     print("\nper place: urban IoU over mapped pixels (GUM 1 / GUM 2.0)\n")
     print("| place | " + " | ".join(n for n, _, _ in HELD_OUT_AREAS) + " |")
     print("|---|" + "---|" * len(HELD_OUT_AREAS))
     for family, ev in rows:
-        print(f"| {family} | " + " | ".join(fmt(ev.per_area[n].iou) for n, _, _ in HELD_OUT_AREAS) + " |")
+        print(f"| {family} | " + " | ".join(fmt(ev.per_area[n]) for n, _, _ in HELD_OUT_AREAS) + " |")
     return 0
 
 
