@@ -131,6 +131,8 @@ class CellPredictor:
         """P(urban) of the cached imagery of (year, cell) on its UTM grid, float16, NaN = no data."""
         from gum_ray.store.cache import ImageryCache
 
+        if self.error is not None:
+            raise self.error
         t0 = time.perf_counter()
         cell = self.job.cell(row, col)
         imagery = ImageryCache(self.job.cache).get(year, cell)
