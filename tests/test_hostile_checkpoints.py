@@ -97,8 +97,9 @@ def test_cluster_actor_loads_only_safely(tmp_path, tiny_model):
     evil = hostile_checkpoint(tmp_path / "evil.pth", tiny_model.state_dict(), marker)
     job = MapJob(aoi=AOI.from_bbox(8.5, 47.3, 8.6, 47.4), years=(2020,), product=str(tmp_path / "p.zarr"),
                  cache=str(tmp_path / "c"), checkpoint=str(evil))
+    actor = CellPredictor(job, str(evil))  # the loading error is kept for ready(), the driver's check
     with pytest.raises(CheckpointError, match="refused"):
-        CellPredictor(job, str(evil))
+        actor.ready()
     assert not marker.exists()
 
 

@@ -7,7 +7,10 @@ waiting (in the imagery cache; only their records are held), two cells queued pe
 Ray's (remote tasks, actors, ``ray.wait``); the driver only keeps the queues bounded and the books.
 
 Resume is the manifest: committed cells are skipped; a failed cell is retried up to
-``max_attempts`` times (each failure recorded with its error), then set aside while the run goes on.
+``max_attempts`` times in this run (each failure recorded with its error and stage), then set aside
+while the run goes on. The model actors are loaded and warmed up before the first fetch; a lost
+actor is replaced, and a try lost to the cluster (actor, node or object gone) is not counted against
+the cell. On a cluster of more than one node every path must be ``gs://`` (docs/cluster.md).
 One run at a time changes a product: a fenced lease (:mod:`.lease`) taken before the product is
 created or a year added, with a heartbeat, keeps a second run out while the first is alive; a
 killed run's lease expires after ``lease_ttl_s`` (at once on the same host).

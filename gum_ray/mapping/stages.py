@@ -136,6 +136,8 @@ class CellPredictor:
 
     def predict(self, year: int, row: int, col: int) -> Prediction:
         """P(urban) of the cached imagery of (year, cell) on its UTM grid, float16, NaN = no data."""
+        if self.error is not None:
+            raise self.error
         t0 = time.perf_counter()
         cell = self.job.cell(row, col)
         imagery = self.job.imagery_cache().get(year, cell)
