@@ -13,7 +13,10 @@ probabilities: every pixel seen by 16 crops, far from most crop borders). Pixels
   |dP| interior  ... at interior pixels
   step ratio     mean |P(x) - P(x-1)| across crop-edge lines / across all other lines (1 = no seam)
 
-    .venv/bin/python tools/bench_seams.py [--checkpoint CKPT] [--image TIF] [--precision fp32]
+    .venv/bin/python tools/bench_seams.py [--checkpoint CKPT | --family gum2] [--image TIF] [--precision fp32]
+
+Any model family: the checkpoint's (read from the file), or random weights of ``--family`` (GUM 1 or
+GUM 2.0 at their released widths, BN calibrated on the image).
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gum_ray import bands  # noqa: E402
 from gum_ray.export_io import open_export  # noqa: E402
 from gum_ray.inference import CROP, InferenceEngine, InferenceSettings, crop_starts  # noqa: E402
-from gum_ray.model import GUM_10, load_checkpoint, random_checkpoint  # noqa: E402
+from gum_ray.model import GUM_10, random_checkpoint  # noqa: E402
+from gum_ray.network import load_model  # noqa: E402
 
 DEFAULT_IMAGE = REPO.parent / "shared" / "realdata" / "aberystwyth_2021-05-27_gum11.tif"
 
@@ -70,7 +73,9 @@ def step_ratio(p: np.ndarray, stride: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default=str(DEFAULT_IMAGE))
-    ap.add_argument("--checkpoint", default=None, help="default: random GUM weights calibrated on the image")
+    ap.add_argument("--checkpoint", default=None, help="default: random weights of --family calibrated on the image")
+    ap.add_argument("--family", choices=("gum1", "gum2"), default="gum1",
+                    help="the family of the random weights when no checkpoint is given (default gum1)")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--band", type=int, default=16, help="border band half-width in px")
     ap.add_argument("--strides", default="256,192,128")
@@ -78,17 +83,25 @@ def main() -> int:
 
     with open_export(args.image) as src:
         export = src.read_rows(0, src.height)
-    valid = bands.validity_mask(export)
-    x = bands.preprocess(export)
-    h, w = valid.shape
     if args.checkpoint is None:
-        ckpt = Path(tempfile.mkdtemp()) / "gum_random.pth"
-        random_checkpoint(ckpt, GUM_10, seed=11, calibrate_on=x)
-        what = "random GUM weights (BN calibrated on the image)"
+        ckpt = Path(tempfile.mkdtemp()) / f"{args.family}_random.pth"
+        if args.family == "gum2":
+            from gum_ray.gum2 import Gum2, preprocess
+
+            Gum2.random(seed=11, calibrate_on=preprocess(export)).save(ckpt)
+        else:
+            from gum_ray import bands
+
+            random_checkpoint(ckpt, GUM_10, seed=11, calibrate_on=bands.preprocess(export))
+        what = f"random {args.family} weights (BN calibrated on the image)"
     else:
         ckpt = Path(args.checkpoint)
         what = ckpt.name
-    model = load_checkpoint(ckpt).model
+    model = load_model(ckpt)
+    what += f", family {model.family}"
+    valid = model.validity(export)
+    x = model.preprocess(export)
+    h, w = valid.shape
 
     def run(**kw):
         eng = InferenceEngine(model, InferenceSettings(device="cpu", precision=args.precision, **kw))
