@@ -71,3 +71,23 @@ def test_finetune_from_gum2_with_the_encoders_frozen(tmp_path, patches, gum2_ckp
             assert torch.equal(after[k], v), k
     assert any(not torch.equal(after[k], v) for k, v in before.items() if not k.startswith(encoders))
     assert tuned.meta["gum_ray_finetune"]["settings"]["freeze_encoder"] is True
+
+
+def test_gum_patches_labels_clouded_points_under_gum2_and_sets_them_aside_under_gum1(tmp_path, gum2_ckpt):
+    """A point in Quito's cell, overcast in the cloudy synthetic world in 2021: no Sentinel-2 at all."""
+    from gum_ray.grid import point_geobox
+    from gum_ray.model import ModelSpec, random_checkpoint
+    from gum_ray.sources.synthetic import SyntheticSource
+
+    quito = (-78.4, -0.1)
+    pts = tuple(parse_points(points_geojson([("q", *quito)])))
+    probe = SyntheticSource(clouds=True).fetch(point_geobox(*quito, size=256), YEAR)
+    assert not probe.masks["s2"].any() and probe.masks["s1"].all()
+    gum1 = tmp_path / "gum1.pth"
+    random_checkpoint(gum1, ModelSpec(10, 8, 4), seed=1)
+    for ckpt, model, written in ((gum2_ckpt, "gum2", 1), (str(gum1), "gum1", 0)):
+        job = PatchJob(pts, YEAR, str(tmp_path / model), checkpoint=ckpt, model=model, geotiff=False,
+                       inference=None, source_options=(("clouds", True),))
+        report = run_patches(job, executor="inline")
+        assert report.written == written, (model, report)
+        assert len(report.no_imagery) == 1 - written

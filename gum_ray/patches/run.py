@@ -56,6 +56,10 @@ class Labeler:
                                                           family=self.family), self.settings)
         return self._engine
 
+    def mapped(self, imagery: Imagery) -> np.ndarray:
+        """The pixels the model maps (its family's rule: GUM 1 needs Sentinel-2, GUM 2.0 either S2 or S1)."""
+        return np.asarray(self.engine.model.validity(imagery.export))
+
     def label(self, imagery: Imagery) -> tuple[np.ndarray, np.ndarray]:
         """Imagery -> (probability uint8 percent, class uint8), 255 (NODATA) = no data."""
         engine = self.engine
@@ -189,13 +193,17 @@ def make_patch(point: Point, ctx: _Context, checkpoint_sha256: str | None) -> Pa
     # a source error (network, quota, credentials) is a failure, retried by a rerun; missing
     # imagery comes back as NaN and is recorded below as "no imagery"
     imagery = ctx.source.fetch(geobox, job.year)
-    valid = imagery.valid
+    # what the labelling model can map (GUM 2.0 maps clouded pixels from Sentinel-1); without a
+    # model, what GUM 1 needs (Sentinel-2)
+    valid = ctx.labeler.mapped(imagery) if ctx.labeler is not None else imagery.valid
     frac = float(valid.mean())
     attrs |= {"provenance": imagery.provenance, "valid_fraction": frac,
               "band_names": list(imagery.band_names)}
     if frac <= 0.0 or frac < job.min_valid:
-        why = (f"no Sentinel-2 data in the patch for {job.year}" if frac <= 0.0 else
-               f"Sentinel-2 data on {frac:.0%} of the patch, less than --min-valid {job.min_valid:.0%}")
+        gum2 = ctx.labeler is not None and ctx.labeler.engine.model.family == "gum2"
+        what = "Sentinel-2 or Sentinel-1 data" if gum2 else "Sentinel-2 data"
+        why = (f"no {what} in the patch for {job.year}" if frac <= 0.0 else
+               f"{what} on {frac:.0%} of the patch, less than --min-valid {job.min_valid:.0%}")
         ctx.dataset.write_no_imagery(point, attrs | {"reason": why})
         return PatchOutcome(point.id, point.key, STATUS_NO_IMAGERY, why, time.perf_counter() - t0)
     prob = cls = None
