@@ -28,9 +28,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    from pathlib import Path
-
     from gum_ray.demo_model import DemoRecipe, default_path, ensure_demo_model, evaluate_held_out, train_demo_model
     from gum_ray.model import load_checkpoint
 
@@ -40,23 +37,10 @@ def run(args: argparse.Namespace) -> int:
     if args.model == "gum2":
         return _run_gum2(args, say)
 
-    changes = {}
-    if args.steps is not None:
-        changes["steps"] = args.steps
-    if args.max_seconds is not None:
-        changes["max_train_seconds"] = args.max_seconds
-    recipe = dataclasses.replace(DemoRecipe(), **changes)
-    path = Path(args.out).expanduser() if args.out else default_path(recipe)
-    if args.checkpoint and not args.evaluate:
-        say("gum demo-model: --checkpoint is used with --evaluate; nothing to do")
+    got = _recipe_and_target(args, say, DemoRecipe, default_path, ensure_demo_model, train_demo_model)
+    if got is None:
         return 2
-    if not args.checkpoint:
-        if args.force:
-            res = train_demo_model(path, recipe, echo=say)
-            say(f"trained in {res.train_seconds:.0f} s ({res.steps} steps), {res.total_seconds:.0f} s in all")
-        else:
-            path = ensure_demo_model(path, recipe, echo=say)
-    target = Path(args.checkpoint) if args.checkpoint else path
+    recipe, target = got
     loaded = load_checkpoint(target)
     info = loaded.meta.get("gum_ray_demo", {})
     if info:
@@ -75,9 +59,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_gum2(args: argparse.Namespace, say) -> int:
-    import dataclasses
-    from pathlib import Path
-
     from gum_ray.demo_gum2 import (
         Gum2DemoRecipe,
         default_path,
@@ -87,23 +68,11 @@ def _run_gum2(args: argparse.Namespace, say) -> int:
     )
     from gum_ray.network import load_model
 
-    changes = {}
-    if args.steps is not None:
-        changes["steps"] = args.steps
-    if args.max_seconds is not None:
-        changes["max_train_seconds"] = args.max_seconds
-    recipe = dataclasses.replace(Gum2DemoRecipe(), **changes)
-    path = Path(args.out).expanduser() if args.out else default_path(recipe)
-    if args.checkpoint and not args.evaluate:
-        say("gum demo-model: --checkpoint is used with --evaluate; nothing to do")
+    got = _recipe_and_target(args, say, Gum2DemoRecipe, default_path, ensure_gum2_demo_model,
+                             train_gum2_demo_model)
+    if got is None:
         return 2
-    if not args.checkpoint:
-        if args.force:
-            res = train_gum2_demo_model(path, recipe, echo=say)
-            say(f"trained in {res.train_seconds:.0f} s ({res.steps} steps), {res.total_seconds:.0f} s in all")
-        else:
-            path = ensure_gum2_demo_model(path, recipe, echo=say)
-    target = Path(args.checkpoint) if args.checkpoint else path
+    recipe, target = got
     model = load_model(target, family="gum2")
     info = model.meta.get("gum_ray_demo", {})
     if info:
@@ -122,3 +91,29 @@ def _run_gum2(args: argparse.Namespace, say) -> int:
             f"{res.s2_missing.iou:.4f} where it is missing (year {res.year}, {res.seconds:.1f} s)")
     print(target)
     return 0
+
+
+def _recipe_and_target(args: argparse.Namespace, say, recipe_cls, default_path, ensure, train):
+    """The recipe (with --steps / --max-seconds) and the checkpoint to report on: the one given to
+    --evaluate, else the cached demo model (trained now if missing, or anew with --force); None when
+    the flags ask for nothing."""
+    import dataclasses
+    from pathlib import Path
+
+    changes = {}
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.max_seconds is not None:
+        changes["max_train_seconds"] = args.max_seconds
+    recipe = dataclasses.replace(recipe_cls(), **changes)
+    path = Path(args.out).expanduser() if args.out else default_path(recipe)
+    if args.checkpoint and not args.evaluate:
+        say("gum demo-model: --checkpoint is used with --evaluate; nothing to do")
+        return None
+    if not args.checkpoint:
+        if args.force:
+            res = train(path, recipe, echo=say)
+            say(f"trained in {res.train_seconds:.0f} s ({res.steps} steps), {res.total_seconds:.0f} s in all")
+        else:
+            path = ensure(path, recipe, echo=say)
+    return recipe, (Path(args.checkpoint) if args.checkpoint else path)
