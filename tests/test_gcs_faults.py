@@ -93,7 +93,8 @@ def test_a_run_through_10_percent_injected_gcs_faults_loses_nothing(gcs_emulator
         env = {**os.environ, "STORAGE_EMULATOR_HOST": proxy.url, "GUM_CHECKPOINT_CACHE": str(tmp_path / "ck")}
         r = subprocess.run([sys.executable, "-m", "gum_ray.cli", "map", "--bbox", *map(str, BBOX),
                             "--year", "2020", "--checkpoint", f"{root}/gum.pth", "--data-dir", f"{root}/data",
-                            "--cell-deg", "0.01", "--chunk-px", "40", "--halo", "64", "--quiet", "--no-preview"],
+                            "--cell-deg", "0.01", "--chunk-px", "40", "--halo", "64", "--quiet", "--no-preview",
+                            "--keep-cache"],
                            capture_output=True, text=True, timeout=600, env=env)
         stats = dict(proxy.stats)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,7 +59,10 @@ def expected_cell(product_root, cache_root, ckpt, cell, year=2020):
     from gum_ray.store.product import encode_probability
     from gum_ray.warp import warp_probability
 
-    key, = (p.name for p in Path(cache_root).iterdir() if p.is_dir())  # the one source's entries
+    from gum_ray.store import fs
+
+    # the one source's entries (the run kept them: --keep-cache); local or gs://
+    key, = (n for n in fs.list_names(str(cache_root)) if not n.endswith(".json"))
     cached = ImageryCache(str(cache_root), key).get(year, cell)
     export = cached.export
     engine = InferenceEngine(load_checkpoint(ckpt).model, InferenceSettings())
