@@ -14,33 +14,22 @@ from rasterio.warp import Resampling, reproject
 
 def warp_probability(prob: np.ndarray, src: GeoBox, dst: GeoBox) -> np.ndarray:
     """Float P(urban) on ``src`` (NaN = no data) -> float32 on ``dst`` (NaN = no data)."""
-    prob = np.ascontiguousarray(prob, dtype=np.float32)
-    if prob.shape != tuple(src.shape):
-        raise ValueError(f"probability shape {prob.shape} does not match its grid {tuple(src.shape)}")
-    out = np.full(tuple(dst.shape), np.nan, np.float32)
-    reproject(
-        source=prob,
-        destination=out,
-        src_transform=src.affine,
-        src_crs=src.crs.to_wkt(),
-        dst_transform=dst.affine,
-        dst_crs=dst.crs.to_wkt(),
-        src_nodata=np.nan,
-        dst_nodata=np.nan,
-        resampling=Resampling.bilinear,
-        num_threads=1,
-    )
-    return out
+    return _reproject(prob, src, dst, np.float32, np.nan, Resampling.bilinear, "probability")
 
 
 def warp_codes(codes: np.ndarray, src: GeoBox, dst: GeoBox, nodata: int = 255) -> np.ndarray:
     """uint8 codes on ``src`` (``nodata`` = none) -> uint8 on ``dst`` by nearest neighbour."""
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    if codes.shape != tuple(src.shape):
-        raise ValueError(f"codes shape {codes.shape} does not match its grid {tuple(src.shape)}")
-    out = np.full(tuple(dst.shape), nodata, np.uint8)
+    return _reproject(codes, src, dst, np.uint8, nodata, Resampling.nearest, "codes")
+
+
+def _reproject(data: np.ndarray, src: GeoBox, dst: GeoBox, dtype, nodata, resampling, what: str) -> np.ndarray:
+    """``data`` on ``src`` -> ``dtype`` on ``dst`` (``nodata`` where nothing lands), one thread."""
+    data = np.ascontiguousarray(data, dtype=dtype)
+    if data.shape != tuple(src.shape):
+        raise ValueError(f"{what} shape {data.shape} does not match its grid {tuple(src.shape)}")
+    out = np.full(tuple(dst.shape), nodata, dtype)
     reproject(
-        source=codes,
+        source=data,
         destination=out,
         src_transform=src.affine,
         src_crs=src.crs.to_wkt(),
@@ -48,7 +37,7 @@ def warp_codes(codes: np.ndarray, src: GeoBox, dst: GeoBox, nodata: int = 255) -
         dst_crs=dst.crs.to_wkt(),
         src_nodata=nodata,
         dst_nodata=nodata,
-        resampling=Resampling.nearest,
+        resampling=resampling,
         num_threads=1,
     )
     return out

@@ -43,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
         report[year] = {**st, "errors": aside}
     cache = None
     if latest and latest.get("cache") and latest.get("cache_key"):  # the latest run's imagery cache
-        objects, nbytes = fs.du(fs.join(fs.normalize(latest["cache"]), latest["cache_key"]))
-        cache = {"path": fs.join(fs.normalize(latest["cache"]), latest["cache_key"]), "objects": objects,
-                 "bytes": nbytes, "keep_cache": bool(latest.get("keep_cache"))}
+        path = fs.join(fs.normalize(latest["cache"]), latest["cache_key"])
+        objects, nbytes = fs.du(path)
+        cache = {"path": path, "objects": objects, "bytes": nbytes, "keep_cache": bool(latest.get("keep_cache"))}
     if args.json:
         print(json.dumps({"product": product.root, "latest_run": latest and latest["run_id"],
                           "years": report, "cache": cache}, indent=1))
