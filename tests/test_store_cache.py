@@ -82,6 +82,41 @@ def test_incomplete_entry_is_not_used(store_root):
     assert cache.has(2020, cell)
 
 
+def test_deletion_cut_short_is_fetched_again_never_read(store_root, monkeypatch):
+    """A node lost while a committed cell's entry is deleted: the entry is never read with parts
+    missing (was: a KeyError on every retry, the cell set aside)."""
+    cache = ImageryCache(store_root)
+    cell = GRID.cell_at(13.41, 52.51)
+    gbox = cell.utm_geobox()
+    cache.put(2020, cell, Imagery.from_export(fake_export((gbox.shape.y, gbox.shape.x)), gbox))
+    real_remove = fs.remove
+
+    def remove_then_die(path, recursive=False):
+        """Objects go one by one, in the store's order; the process dies after the first one."""
+        fsys, p = fs.filesystem(path)
+        objects = sorted(fsys.find(p)) if recursive else [p]
+        if objects:
+            fsys.rm(objects[0])
+        if len(objects) > 1:
+            raise KeyboardInterrupt("node lost mid-deletion")
+
+    monkeypatch.setattr(fs, "remove", remove_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cache.delete(2020, cell)
+    monkeypatch.setattr(fs, "remove", real_remove)
+    assert not cache.has(2020, cell)  # so the next attempt fetches it again
+    assert fs.exists(fs.join(cache.path(2020, cell), "s2", "zarr.json"))  # the parts were left
+
+    # an entry marked complete with a part gone (an older gum-ray's order of deletion): one clear
+    # error, and the entry is removed so the next attempt fetches it again
+    cache.put(2020, cell, Imagery.from_export(fake_export((gbox.shape.y, gbox.shape.x)), gbox))
+    fs.remove(fs.join(cache.path(2020, cell), "s2"), recursive=True)
+    assert cache.has(2020, cell)
+    with pytest.raises(InputError, match="lacked s2.*fetched again"):
+        cache.get(2020, cell)
+    assert not cache.has(2020, cell)
+
+
 def test_bad_inputs(store_root, tmp_path):
     cache = ImageryCache(store_root)
     cell = GRID.cell_at(13.41, 52.51)

@@ -159,6 +159,15 @@ class ImageryCache:
         g = self._group(year, cell, "r")
         attrs = dict(g.attrs)
         parts = {name: np.asarray(g[name][...]) for name in COMPACT_PARTS if name in g}
+        missing = [n for n in ("s2", "s2_mask", "s1", "s1_mask", "terrain", "terrain_mask") if n not in parts]
+        if missing:
+            # marked complete but a part is gone (its deletion was cut short): never used; removed,
+            # so the cell's next attempt fetches it again
+            self.delete(year, cell)
+            raise InputError(
+                f"the cached imagery of year {year}, cell {cell.id} lacked {', '.join(missing)} "
+                f"(a deletion cut short); removed, it is fetched again on the next attempt"
+            )
         return Imagery.from_compact(parts, geobox_from_dict(attrs["geobox"]), attrs.get("provenance", {}))
 
     def attrs(self, year: int, cell: Cell) -> dict[str, Any]:
@@ -166,5 +175,11 @@ class ImageryCache:
         return dict(json.loads(fs.read_bytes(fs.join(self.path(year, cell), "zarr.json"))).get("attributes", {}))
 
     def delete(self, year: int, cell: Cell) -> None:
-        """Remove the entry of (year, cell) (e.g. to refetch it)."""
+        """Remove the entry of (year, cell) (e.g. to refetch it).
+
+        Its ``zarr.json`` (which marks it complete) goes first: a deletion cut short (a node lost
+        mid-way) leaves an incomplete entry, which :meth:`has` reports as absent, so it is fetched
+        again, never read with parts missing.
+        """
+        fs.remove(fs.join(self.path(year, cell), "zarr.json"))
         fs.remove(self.path(year, cell), recursive=True)
