@@ -14,6 +14,8 @@ the runner records them against the cell. A source with a shared request cap get
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import time
 from typing import Any
 
@@ -60,7 +62,13 @@ def fetch_cell(job: MapJob, year: int, row: int, col: int, source=None) -> dict[
 
 
 class CellPredictor:
-    """The model and the inference engine for one worker; predicts cached cells."""
+    """The model and the inference engine for one worker; predicts cached cells.
+
+    The device path (DESIGN decision 13): a cell's compact integers are read from the cache and
+    decompressed on a worker thread (the next cell's while this one runs), uploaded once, and
+    decoded, preprocessed, cut, blended and thresholded on the engine's device; only P(urban) as
+    float16 comes back. Crops of several cells share batches (:meth:`predict_cells`).
+    """
 
     def __init__(self, job: MapJob, checkpoint: str, threads: int | None = None):
         import torch
@@ -73,25 +81,57 @@ class CellPredictor:
         self.job = job
         self.model = load_model(checkpoint)
         self.engine = InferenceEngine(self.model, job.inference)
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gum-cache-read")
 
     def predict(self, year: int, row: int, col: int) -> Prediction:
         """P(urban) of the cached imagery of (year, cell) on its UTM grid, float16, NaN = no data."""
+        return self.predict_cells(year, [(row, col)])[0]
+
+    def predict_cells(self, year: int, cells: list[tuple[int, int]]) -> list[Prediction]:
+        """:meth:`predict` for several cells (row, col) of one year, their crops batched together."""
         from gum_ray.store.cache import ImageryCache
 
-        t0 = time.perf_counter()
-        cell = self.job.cell(row, col)
-        imagery = ImageryCache(self.job.cache).get(year, cell)
-        check_compatible(self.model, imagery.with_products, what=f"the cached imagery of cell {cell.id}")
-        # crops on the UTM zone's stride lattice: neighbouring cells see the same crops where
-        # their halos overlap, so the product has no seams at cell borders
-        a = imagery.geobox.affine
-        origin = (int(round(-a.f / abs(a.e))), int(round(a.c / a.a)))
-        pred = self.engine.predict_imagery(imagery, origin=origin)
-        return Prediction(
-            pred.probability.astype(np.float16), None, imagery.geobox,
-            {"source_dates": imagery.provenance.get("dates"), "predict_s": time.perf_counter() - t0,
-             "crops": self.engine.crops_run},
-        )
+        cache = ImageryCache(self.job.cache)
+        todo = [self.job.cell(r, c) for r, c in cells]
+        reads = collections.deque([self._reader.submit(self._read, cache, year, todo[0])]) if todo else None
+        meta: dict[int, tuple] = {}
+
+        def scenes():
+            for i, cell in enumerate(todo):
+                t0 = time.perf_counter()
+                parts, geobox, provenance, read_s = reads.popleft().result()
+                if i + 1 < len(todo):  # decompress the next cell while this one runs
+                    reads.append(self._reader.submit(self._read, cache, year, todo[i + 1]))
+                check_compatible(self.model, "products" in parts, what=f"the cached imagery of cell {cell.id}")
+                x, valid = self.engine.prepare_compact(parts)
+                del parts
+                # crops on the UTM zone's stride lattice: neighbouring cells see the same crops where
+                # their halos overlap, so the product has no seams at cell borders
+                a = geobox.affine
+                origin = (int(round(-a.f / abs(a.e))), int(round(a.c / a.a)))
+                meta[i] = (geobox, provenance, t0, read_s, self.engine.crops_run)
+                yield i, x, valid, origin
+
+        out: list[Prediction] = [None] * len(todo)  # type: ignore[list-item]
+        for i, prob, _ in self.engine.predict_scenes(scenes()):
+            geobox, provenance, t0, read_s, crops0 = meta.pop(i)
+            out[i] = Prediction(
+                prob.half().cpu().numpy(), None, geobox,
+                {"source_dates": provenance.get("dates"), "predict_s": time.perf_counter() - t0,
+                 "read_s": read_s, "crops": self.engine.crops_run - crops0},
+            )
+        return out
+
+    @staticmethod
+    def _read(cache, year: int, cell) -> tuple:
+        t = time.perf_counter()
+        parts, geobox, provenance = cache.get_compact(year, cell)
+        return parts, geobox, provenance, time.perf_counter() - t
+
+    def stage_rates(self) -> dict[str, float]:
+        """Seconds per crop of each engine stage so far (see ``InferenceEngine.stage_s``)."""
+        n = max(self.engine.crops_run, 1)
+        return {k: v / n for k, v in self.engine.stage_s.items()}
 
 
 def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction,
