@@ -16,9 +16,17 @@ The model sees 10 channels (13 with products), made exactly as the seed notebook
 
 A pixel with no Sentinel-2 value (any of the four S2 bands NaN in the export) is "no data" in the
 output: the network would otherwise predict on zeros.
+
+:func:`preprocess`, :func:`validity_mask` and :func:`decode_compact` take numpy arrays or torch
+tensors (on any device) and return the same kind, with identical values: the arithmetic is written
+once with operations both share (``.clip``, ``-``, :func:`true_div`) and a few helpers
+(:func:`finite_or_zero`, :func:`empty_float32`, :func:`constant`) that another model family's
+preprocessing uses the same way.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -103,11 +111,24 @@ def finite_or_zero(x):
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _empty(like, shape: tuple[int, ...]):
+def empty_float32(like, shape: tuple[int, ...]):
     """An uninitialised float32 array of ``shape`` of ``like``'s kind (numpy, or torch on its device)."""
     if _is_numpy(like):
         return np.empty(shape, dtype=np.float32)
-    return like.new_empty(shape)
+    import torch
+
+    return like.new_empty(shape, dtype=torch.float32)
+
+
+def constant(like, values) -> "np.ndarray | Any":
+    """Per-band constants ``values`` as a float32 (n, 1, 1) array of ``like``'s kind (numpy, or a
+    tensor on its device), to broadcast against (n, H, W) bands: e.g. a family's vmin / vmax."""
+    arr = np.asarray(values, dtype=np.float32).reshape(-1, 1, 1)
+    if _is_numpy(like):
+        return arr
+    import torch
+
+    return torch.from_numpy(arr).to(like.device)
 
 
 def _float32(x):
@@ -118,7 +139,7 @@ def _float32(x):
     return x.to(torch.float32)
 
 
-def _div(x, d: float):
+def true_div(x, d: float):
     """``x / d`` in float32, correctly rounded on every device.
 
     (CUDA divides by a host scalar as a multiplication by its reciprocal, 1 ulp off; dividing by
@@ -157,11 +178,11 @@ def preprocess(export, *, with_products: bool | None = None, out=None):
     with_products = _check_export(export, with_products)
     x = finite_or_zero(_float32(export))
     if out is None:
-        out = _empty(x, (model_channels(with_products),) + tuple(x.shape[1:]))
+        out = empty_float32(x, (model_channels(with_products),) + tuple(x.shape[1:]))
     out[0:4] = x[S2_SLICE].clip(0.0, 1.0)
-    out[4:8] = _div(x[S1_SLICE].clip(S1_MIN_DB, S1_MAX_DB) - S1_MIN_DB, S1_MAX_DB - S1_MIN_DB)
-    out[8] = _div(x[SLOPE], 90.0).clip(0.0, 1.0)
-    out[9] = _div(x[ASPECT], 360.0).clip(0.0, 1.0)
+    out[4:8] = true_div(x[S1_SLICE].clip(S1_MIN_DB, S1_MAX_DB) - S1_MIN_DB, S1_MAX_DB - S1_MIN_DB)
+    out[8] = true_div(x[SLOPE], 90.0).clip(0.0, 1.0)
+    out[9] = true_div(x[ASPECT], 360.0).clip(0.0, 1.0)
     if with_products:
         out[10:13] = x[PRODUCT_SLICE]
     return out
@@ -214,9 +235,9 @@ def decode_compact(parts: dict, rows: slice | None = None):
 
     n = 14 if "products" in parts else 11
     h = len(range(*rows.indices(first.shape[1])))
-    out = _empty(first, (n, h, first.shape[2]))
-    out[S2_SLICE] = where(parts["s2_mask"][:, rows], _div(_float32(parts["s2"][:, rows]), S2_SCALE))
-    out[S1_SLICE] = where(parts["s1_mask"][:, rows], _div(_float32(parts["s1"][:, rows]), S1_SCALE))
+    out = empty_float32(first, (n, h, first.shape[2]))
+    out[S2_SLICE] = where(parts["s2_mask"][:, rows], true_div(_float32(parts["s2"][:, rows]), S2_SCALE))
+    out[S1_SLICE] = where(parts["s1_mask"][:, rows], true_div(_float32(parts["s1"][:, rows]), S1_SCALE))
     scales, offsets = _TERRAIN_SCALES, _TERRAIN_OFFSETS
     if not _is_numpy(first):
         scales, offsets = (torch.from_numpy(a).to(first.device) for a in (scales, offsets))

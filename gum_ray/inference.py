@@ -429,7 +429,7 @@ class InferenceEngine:
                 rows = slice(a, min(a + rows_per_block, h))
                 export = decode_compact(dev, rows)
                 valid[rows] = self.model.validity(export)
-                self.model.preprocess(export, out=x[:, rows])
+                x[:, rows] = self.model.preprocess(export)
         self.stage_s["decode+preprocess"] += time.perf_counter() - t
         return x, valid
 

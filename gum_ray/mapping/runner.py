@@ -75,16 +75,35 @@ class Summary:
     driver_peak_mb: float = 0.0
     driver_plan_rss_mb: float = 0.0  # resident memory once the plan and its queue are built
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: measured work of the cells written (seconds summed over cells, crops run, cells fetched):
+    #: what the next plan's cost estimate can be calibrated with (:meth:`stage_rates`)
+    stage_totals: dict[str, float] = dataclasses.field(default_factory=dict)
     written_cells: set[tuple[int, int]] = dataclasses.field(default_factory=set, repr=False)
 
     @property
     def km2_per_s(self) -> float:
         return self.km2 / self.wall_s if self.wall_s > 0 else 0.0
 
+    def stage_rates(self) -> dict[str, float]:
+        """Per-stage rates measured in this run: seconds per fetched cell, crops per second and ms
+        per crop of one model actor (cache read and decompression included), seconds per write."""
+        t = self.stage_totals
+        out: dict[str, float] = {}
+        if t.get("fetched"):
+            out["fetch_s_per_cell"] = t["fetch_s"] / t["fetched"]
+        if t.get("crops"):
+            out["infer_crops_per_s"] = t["crops"] / max(t["predict_s"], 1e-9)
+            out["infer_ms_per_crop"] = 1e3 * t["predict_s"] / t["crops"]
+            out["cache_read_ms_per_crop"] = 1e3 * t.get("read_s", 0.0) / t["crops"]
+        if t.get("cells"):
+            out["write_s_per_cell"] = t["write_s"] / t["cells"]
+        return out
+
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["written_cells"] = len(self.written_cells)
         d["km2_per_s"] = self.km2_per_s
+        d["stage_rates"] = self.stage_rates()
         return d
 
 
@@ -392,6 +411,13 @@ def _finish_write(ref, writing, summary: Summary, fail) -> None:
         return
     summary.done += 1
     summary.empty += int(res["empty"])
+    tot = summary.stage_totals
+    for key in ("predict_s", "read_s", "crops", "write_s"):
+        tot[key] = tot.get(key, 0.0) + float(res.get(key) or 0.0)
+    tot["cells"] = tot.get("cells", 0.0) + 1
+    if res.get("fetched"):
+        tot["fetched"] = tot.get("fetched", 0.0) + 1
+        tot["fetch_s"] = tot.get("fetch_s", 0.0) + float(res.get("fetch_s") or 0.0)
     summary.written_cells.add((cell.row, cell.col))
     summary.km2 += cell_km2(cell)
 
@@ -399,6 +425,12 @@ def _finish_write(ref, writing, summary: Summary, fail) -> None:
 def iter_summary_lines(s: Summary, job: MapJob) -> Iterator[str]:
     yield (f"gum map: {s.done} cells mapped, {s.skipped} already done (skipped), {s.set_aside} set aside, "
            f"{s.retried} retried; {s.km2:.1f} km² in {s.wall_s:.1f} s ({s.km2_per_s:.2f} km²/s)")
+    r = s.stage_rates()
+    if "infer_crops_per_s" in r:
+        fetch = f"fetch {r['fetch_s_per_cell']:.2f} s/cell, " if "fetch_s_per_cell" in r else ""
+        yield (f"  measured: {fetch}inference {r['infer_crops_per_s']:.2f} crops/s per model actor "
+               f"({r['infer_ms_per_crop']:.1f} ms/crop, of which cache read {r['cache_read_ms_per_crop']:.2f}), "
+               f"write {r['write_s_per_cell']:.2f} s/cell")
     if s.remaining:
         yield f"  {s.remaining} cells left for later runs (--max-cells {job.max_cells}); run again to go on"
     for key, err in sorted(s.errors.items()):

@@ -165,5 +165,9 @@ def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction
         times={"write_s": round(time.perf_counter() - t0, 3), **(extra_times or {})},
         extra={"run_id": run_id, "lease_generation": lease_generation} if run_id else None,
     )
+    prov = predicted.provenance
     return {"committed": committed, "empty": result.empty, "urban_px": result.urban_px,
-            "valid_px": result.valid_px, "write_s": time.perf_counter() - t0}
+            "valid_px": result.valid_px, "write_s": time.perf_counter() - t0,
+            # measured rates for the run's summary
+            "predict_s": prov.get("predict_s"), "read_s": prov.get("read_s"), "crops": prov.get("crops"),
+            "fetch_s": (extra_times or {}).get("fetch_s"), "fetched": (extra_times or {}).get("fetched")}
