@@ -6,8 +6,12 @@
        bit-exact with (a), so the same kernels; batched
   (b') gum-ray, the seed's crop geometry (stride 256) with mixed precision + channels_last
   (c)  gum-ray at its defaults (stride 192, Hann-blended probabilities, precision auto)
-  (f)  the batched forward alone (random crops, batch --forward-batch, mixed precision): the
-       engine's ceiling, and the number the GPU MFU goal is about
+  (f)  the batched forward alone (random crops already on the device, batch --forward-batch,
+       precision auto), in NCHW and in channels_last with BN folded (what the defaults choose), and
+       compiled with --compile: the engine's ceiling per layout
+  (g)  the whole cell path: the scene as compact integers (as the imagery cache holds them) ->
+       upload -> decode + preprocess + crops + blend + threshold on the device -> P(urban) back,
+       defaults: the number the GPU goal (>= 35 % of bf16 peak for the whole cell path) is about
 
 Mpx/s counts image pixels per second (crops overlap, so crop pixels are more). MFU = model FLOPs
 (1.51 MFLOP per crop pixel) per second / peak: on CUDA the nominal dense peak of the device for the
@@ -35,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from gum_ray import bands  # noqa: E402
 from gum_ray.export_io import open_export  # noqa: E402
 from gum_ray.inference import (CROP, InferenceEngine, InferenceSettings, crop_count,  # noqa: E402
-                               flops_per_crop, resolve_precision)
+                               default_batch_size, flops_per_crop, resolve_precision)
 from gum_ray.model import CONFIG_DIR, GUM_10, load_checkpoint, random_checkpoint  # noqa: E402
 
 DEFAULT_IMAGE = REPO.parent / "shared" / "realdata" / "aberystwyth_2021-05-27_gum11.tif"
@@ -97,10 +101,13 @@ def run_engine(model, settings: InferenceSettings, export: np.ndarray):
     return time.perf_counter() - t, pred, engine
 
 
-def run_forward(model, device: str, batch: int, iters: int, precision: str, compile_: bool):
-    settings = InferenceSettings(device=device, batch_size=batch, precision=precision, compile=compile_)
+def run_forward(model, device: str, batch: int, iters: int, precision: str, compile_: bool,
+                channels_last: bool | None = None):
+    settings = InferenceSettings(device=device, batch_size=batch, precision=precision, compile=compile_,
+                                 channels_last=channels_last)
     engine = InferenceEngine(model, settings)
-    crops = np.random.default_rng(0).uniform(0, 1, (batch, engine.in_channels, CROP, CROP)).astype(np.float32)
+    crops = torch.from_numpy(np.random.default_rng(0).uniform(0, 1, (batch, engine.in_channels, CROP, CROP))
+                             .astype(np.float32)).to(engine.device).contiguous(memory_format=engine.memory_format)
     for _ in range(2):
         engine._run_batch(crops)
     sync(engine.device)
@@ -115,7 +122,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default=str(DEFAULT_IMAGE), help="a GUM export GeoTIFF")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=None, help="default per device (1 on a CPU, 32 on a GPU)")
     ap.add_argument("--forward-batch", type=int, default=None, help="batch for (f); default 8 on CPU, 64 on GPU")
     ap.add_argument("--forward-iters", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="torch.compile in (c) and (f)")
@@ -152,21 +159,40 @@ def main() -> int:
         best_b = min(best_b, tb)
     mismatch = int((pred_b.label != ref).sum())
     rows.append(("(a) seed path (mmseg test_step, 256/256, batch 1, fp32)", best_a, n_seed, "fp32", "-"))
-    rows.append((f"(b) gum-ray seed settings (fp32 NCHW, batch {args.batch_size})", best_b, n_seed, "fp32",
+    bs = args.batch_size or default_batch_size(device)
+    rows.append((f"(b) gum-ray seed settings (fp32 NCHW, batch {bs})", best_b, n_seed, "fp32",
                  f"{mismatch} px differ from (a)"))
     tb2, pred_b2, _ = run_engine(model, InferenceSettings(stride=256, window="none", merge="logits", device=args.device,
                                                           batch_size=args.batch_size, precision="auto"), export)
-    rows.append((f"(b') seed geometry, {mixed} autocast + channels_last, batch {args.batch_size}", tb2, n_seed, mixed,
+    rows.append((f"(b') seed geometry, {mixed} + channels_last + BN folded, batch {bs}", tb2, n_seed, mixed,
                  f"{int((pred_b2.label != ref).sum())} px differ from (a)"))
     tc, pred_c, eng_c = run_engine(model, InferenceSettings(device=args.device, batch_size=args.batch_size,
                                                             compile=args.compile), export)
     n_c = eng_c.crops_run - 1
-    rows.append((f"(c) gum-ray defaults (stride {eng_c.settings.stride}, hann, {mixed}, batch {args.batch_size})",
+    rows.append((f"(c) gum-ray defaults (stride {eng_c.settings.stride}, hann, {mixed}, batch {bs})",
                  tc, n_c, mixed, "-"))
 
-    fb = args.forward_batch or (64 if device.type == "cuda" else 8)
+    # (g) the cell path from compact integers
+    parts = bands.encode_compact(export)
+    eng_g = InferenceEngine(model, InferenceSettings(device=args.device, batch_size=args.batch_size,
+                                                     compile=args.compile))
+    eng_g.predict_compact({k: v[:, :CROP, :CROP] for k, v in parts.items()})  # warm-up
+    n0 = eng_g.crops_run
+    t = time.perf_counter()
+    eng_g.predict_compact(parts)
+    sync(eng_g.device)
+    tg = time.perf_counter() - t
+    rows.append((f"(g) cell path: compact ints -> device -> P(urban) (defaults)", tg, eng_g.crops_run - n0, mixed, "-"))
+
+    fb = args.forward_batch or (64 if device.type == "cuda" else 2)
     iters = args.forward_iters or (50 if device.type == "cuda" else 2)
-    tf, _ = run_forward(model, args.device, fb, iters, "auto", args.compile)
+    forwards = []
+    for cl in (False, True):
+        tf, _ = run_forward(model, args.device, fb, iters, "auto", False, channels_last=cl)
+        forwards.append((f"(f) forward, batch {fb}, {mixed}, " + ("channels_last + BN folded" if cl else "NCHW"), tf))
+    if args.compile:
+        tf, _ = run_forward(model, args.device, fb, iters, "auto", True)
+        forwards.append((f"(f) forward, batch {fb}, {mixed}, channels_last + BN folded, compiled", tf))
     peaks = {p: peak_flops(device, p) for p in {"fp32", mixed}}
 
     print(f"# bench_infer  {time.strftime('%Y-%m-%d')}  device: "
@@ -179,10 +205,11 @@ def main() -> int:
     for name, t, crops, prec, check in rows:
         mfu = crops * fpc / t / peaks[prec][0]
         print(f"{name:<66} {crops:>5} {t:>7.2f} {h * w / t / 1e6:>8.3f} {best_a / t:>6.2f} {mfu:>6.1%}  {check}")
-    crop_rate = fb / tf
-    mfu_f = crop_rate * fpc / peaks[mixed][0]
-    print(f"{f'(f) batched forward, batch {fb}, {mixed}' + (' compiled' if args.compile else ''):<66} "
-          f"{fb:>5} {tf:>7.3f} {crop_rate * CROP**2 / 1e6:>8.3f} {'':>6} {mfu_f:>6.1%}  crop-Mpx/s")
+    for name, tf in forwards:
+        crop_rate = fb / tf
+        mfu_f = crop_rate * fpc / peaks[mixed][0]
+        print(f"{name:<66} {fb:>5} {tf:>7.3f} {crop_rate * CROP**2 / 1e6:>8.3f} {'':>6} {mfu_f:>6.1%}  "
+              f"crop-Mpx/s, {1e3 / crop_rate:.2f} ms/crop")
     return 0
 
 
