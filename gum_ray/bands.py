@@ -16,9 +16,17 @@ The model sees 10 channels (13 with products), made exactly as the seed notebook
 
 A pixel with no Sentinel-2 value (any of the four S2 bands NaN in the export) is "no data" in the
 output: the network would otherwise predict on zeros.
+
+:func:`preprocess`, :func:`validity_mask` and :func:`decode_compact` take numpy arrays or torch
+tensors (on any device) and return the same kind, with identical values: the arithmetic is written
+once with operations both share (``.clip``, ``-``, :func:`true_div`) and a few helpers
+(:func:`finite_or_zero`, :func:`empty_float32`, :func:`constant`) that another model family's
+preprocessing uses the same way.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -78,19 +86,84 @@ def with_products_for_band_count(count: int, *, source: str = "input") -> bool:
     )
 
 
-def validity_mask(export: np.ndarray) -> np.ndarray:
-    """True where the pixel has Sentinel-2 data (all four S2 bands finite). Shape (H, W)."""
-    return np.isfinite(export[S2_SLICE]).all(axis=0)
+def validity_mask(export):
+    """True where the pixel has Sentinel-2 data (all four S2 bands finite). Shape (H, W).
 
-
-def preprocess(export: np.ndarray, *, with_products: bool | None = None) -> np.ndarray:
-    """GUM export (11 or 14, H, W) -> model input (10 or 13, H, W) float32, the notebook's way.
-
-    ``with_products`` defaults to what the band count says; asking for products from an 11-band
-    export is an error.
+    ``export``: a numpy array or a torch tensor; the mask is of the same kind.
     """
+    if _is_numpy(export):
+        return np.isfinite(export[S2_SLICE]).all(axis=0)
+    import torch
+
+    return torch.isfinite(export[S2_SLICE]).all(dim=0)
+
+
+def _is_numpy(x) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+def finite_or_zero(x):
+    """``x`` with every NaN, +inf and -inf set to 0 (a numpy array or a torch tensor, kept as such)."""
+    if _is_numpy(x):
+        return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    import torch
+
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def finite(x):
+    """Elementwise "is finite" of ``x`` (a numpy array or a torch tensor, the result of the same kind)."""
+    if _is_numpy(x):
+        return np.isfinite(x)
+    import torch
+
+    return torch.isfinite(x)
+
+
+def empty_float32(like, shape: tuple[int, ...]):
+    """An uninitialised float32 array of ``shape`` of ``like``'s kind (numpy, or torch on its device)."""
+    if _is_numpy(like):
+        return np.empty(shape, dtype=np.float32)
+    import torch
+
+    return like.new_empty(shape, dtype=torch.float32)
+
+
+def constant(like, values) -> "np.ndarray | Any":
+    """Per-band constants ``values`` as a float32 (n, 1, 1) array of ``like``'s kind (numpy, or a
+    tensor on its device), to broadcast against (n, H, W) bands: e.g. a family's vmin / vmax."""
+    arr = np.asarray(values, dtype=np.float32).reshape(-1, 1, 1)
+    if _is_numpy(like):
+        return arr
+    import torch
+
+    return torch.from_numpy(arr).to(like.device)
+
+
+def _float32(x):
+    if _is_numpy(x):
+        return x.astype(np.float32, copy=False)
+    import torch
+
+    return x.to(torch.float32)
+
+
+def true_div(x, d: float):
+    """``x / d`` in float32, correctly rounded on every device.
+
+    (CUDA divides by a host scalar as a multiplication by its reciprocal, 1 ulp off; dividing by
+    a tensor on the device is a true division, as numpy's and the CPU's.)
+    """
+    if _is_numpy(x) or x.device.type == "cpu":
+        return x / d
+    import torch
+
+    return x / torch.tensor(d, dtype=x.dtype, device=x.device)
+
+
+def _check_export(export, with_products: bool | None) -> bool:
     if export.ndim != 3:
-        raise InputError(f"expected an array (bands, height, width), got shape {export.shape}")
+        raise InputError(f"expected an array (bands, height, width), got shape {tuple(export.shape)}")
     has_products = with_products_for_band_count(export.shape[0])
     if with_products is None:
         with_products = has_products
@@ -99,13 +172,26 @@ def preprocess(export: np.ndarray, *, with_products: bool | None = None) -> np.n
             "the 13-channel (with products) model needs a 14-band export; this one has 11 bands. "
             "Use the 10-channel checkpoint, or export the three built-up products too."
         )
-    x = np.nan_to_num(export.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
-    out = np.empty((model_channels(with_products),) + x.shape[1:], dtype=np.float32)
-    np.clip(x[S2_SLICE], 0.0, 1.0, out=out[0:4])
-    s1 = np.clip(x[S1_SLICE], S1_MIN_DB, S1_MAX_DB)
-    out[4:8] = (s1 - S1_MIN_DB) / (S1_MAX_DB - S1_MIN_DB)
-    np.clip(x[SLOPE] / 90.0, 0.0, 1.0, out=out[8])
-    np.clip(x[ASPECT] / 360.0, 0.0, 1.0, out=out[9])
+    return with_products
+
+
+def preprocess(export, *, with_products: bool | None = None, out=None):
+    """GUM export (11 or 14, H, W) -> model input (10 or 13, H, W) float32, the notebook's way.
+
+    ``export`` is a numpy array or a torch tensor (on any device); the result is of the same kind,
+    on the same device, and the values are identical either way (the same IEEE float32 operations:
+    clip, subtract, divide). ``out``, if given, receives the result (same kind, right shape).
+    ``with_products`` defaults to what the band count says; asking for products from an 11-band
+    export is an error.
+    """
+    with_products = _check_export(export, with_products)
+    x = finite_or_zero(_float32(export))
+    if out is None:
+        out = empty_float32(x, (model_channels(with_products),) + tuple(x.shape[1:]))
+    out[0:4] = x[S2_SLICE].clip(0.0, 1.0)
+    out[4:8] = true_div(x[S1_SLICE].clip(S1_MIN_DB, S1_MAX_DB) - S1_MIN_DB, S1_MAX_DB - S1_MIN_DB)
+    out[8] = true_div(x[SLOPE], 90.0).clip(0.0, 1.0)
+    out[9] = true_div(x[ASPECT], 360.0).clip(0.0, 1.0)
     if with_products:
         out[10:13] = x[PRODUCT_SLICE]
     return out
@@ -135,15 +221,37 @@ def encode_compact(export: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def decode_compact(parts: dict[str, np.ndarray]) -> np.ndarray:
-    """Inverse of :func:`encode_compact`: float32 GUM export, NaN where a mask says missing."""
-    s2 = parts["s2"].astype(np.float32) / S2_SCALE
-    s2[parts["s2_mask"] == 0] = np.nan
-    s1 = parts["s1"].astype(np.float32) / S1_SCALE
-    s1[parts["s1_mask"] == 0] = np.nan
-    t = parts["terrain"].astype(np.float32) / _TERRAIN_SCALES - _TERRAIN_OFFSETS
-    t[parts["terrain_mask"] == 0] = np.nan
-    stack = [s2, s1, t]
+def decode_compact(parts: dict, rows: slice | None = None):
+    """Inverse of :func:`encode_compact`: float32 GUM export, NaN where a mask says missing.
+
+    ``parts`` hold numpy arrays or torch tensors (on one device); the export is of the same kind.
+    ``rows``: decode only these rows (a cell is decoded in row blocks that stay in cache).
+    """
+    rows = rows if rows is not None else slice(None)
+    first = parts["s2"]
+    if _is_numpy(first):
+        nan = np.float32(np.nan)
+
+        def where(mask, x):
+            return np.where(mask != 0, x, nan)
+    else:
+        import torch
+
+        nan = torch.tensor(float("nan"), device=first.device)
+
+        def where(mask, x):
+            return torch.where(mask != 0, x, nan)
+
+    n = 14 if "products" in parts else 11
+    h = len(range(*rows.indices(first.shape[1])))
+    out = empty_float32(first, (n, h, first.shape[2]))
+    out[S2_SLICE] = where(parts["s2_mask"][:, rows], true_div(_float32(parts["s2"][:, rows]), S2_SCALE))
+    out[S1_SLICE] = where(parts["s1_mask"][:, rows], true_div(_float32(parts["s1"][:, rows]), S1_SCALE))
+    scales, offsets = _TERRAIN_SCALES, _TERRAIN_OFFSETS
+    if not _is_numpy(first):
+        scales, offsets = (torch.from_numpy(a).to(first.device) for a in (scales, offsets))
+    t = _float32(parts["terrain"][:, rows]) / scales - offsets
+    out[ELEVATION : ASPECT + 1] = where(parts["terrain_mask"][:, rows], t)
     if "products" in parts:
-        stack.append(parts["products"].astype(np.float32))
-    return np.concatenate(stack, axis=0)
+        out[PRODUCT_SLICE] = _float32(parts["products"][:, rows])
+    return out

@@ -86,31 +86,35 @@ MODALITY_SLICES = {"s2": slice(0, 4), "s1": slice(4, 8), "topo": slice(8, 10)}
 # --------------------------------------------------------------------------------- preprocessing
 
 
-def preprocess(export: np.ndarray, *, mask_missing: bool = True) -> np.ndarray:
+def preprocess(export, *, mask_missing: bool = True):
     """GUM export (11 or 14 bands, H, W) -> GUM 2.0 input (10, H, W) float32, the notebook's way.
 
     ``mask_missing`` (default): a pixel without Sentinel-1 gets the training's mask value for it
     (normalised 0); False: the notebook to the bit (NaN -> 0 dB). Product bands of a 14-band export
-    are ignored. Plain array arithmetic (numpy); the constants are the module-level arrays above.
+    are ignored. ``export`` is a numpy array or a torch tensor on any device (the device path,
+    :mod:`gum_ray.network`); the result is of the same kind and the values are identical either way
+    (the same float32 operations, through :mod:`gum_ray.bands`' helpers).
 
     Raises:
         InputError: not a (bands, H, W) GUM export.
     """
     if export.ndim != 3:
-        raise InputError(f"expected an array (bands, height, width), got shape {export.shape}")
+        raise InputError(f"expected an array (bands, height, width), got shape {tuple(export.shape)}")
     bands.with_products_for_band_count(export.shape[0])
-    raw = export[: len(bands.EXPORT_BANDS)].astype(np.float32, copy=False)
-    x = np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
-    out = np.empty((IN_CHANNELS,) + x.shape[1:], dtype=np.float32)
-    np.clip(x[bands.S2_SLICE], 0.0, 1.0, out=out[0:4])
-    s1 = np.clip(x[bands.S1_SLICE], S1_VMIN, S1_VMAX)
-    out[4:8] = (s1 - S1_VMIN) / (S1_VMAX - S1_VMIN)
-    np.clip(x[bands.SLOPE] / SLOPE_DIVISOR, 0.0, 1.0, out=out[8])
-    np.clip(x[bands.ASPECT] / ASPECT_DIVISOR, 0.0, 1.0, out=out[9])
+    raw = export[: len(bands.EXPORT_BANDS)]
+    if isinstance(raw, np.ndarray):
+        raw = raw.astype(np.float32, copy=False)
+    x = bands.finite_or_zero(raw)
+    out = bands.empty_float32(x, (IN_CHANNELS,) + tuple(x.shape[1:]))
+    out[0:4] = x[bands.S2_SLICE].clip(0.0, 1.0)
+    vmin, span = bands.constant(x, S1_VMIN), bands.constant(x, S1_VMAX - S1_VMIN)
+    out[4:8] = (x[bands.S1_SLICE].clip(vmin, bands.constant(x, S1_VMAX)) - vmin) / span
+    out[8] = bands.true_div(x[bands.SLOPE], float(SLOPE_DIVISOR)).clip(0.0, 1.0)
+    out[9] = bands.true_div(x[bands.ASPECT], float(ASPECT_DIVISOR)).clip(0.0, 1.0)
     if mask_missing:
-        no_s1 = ~np.isfinite(raw[bands.S1_SLICE]).any(axis=0)
+        no_s1 = ~bands.finite(raw[bands.S1_SLICE]).any(0)
         if no_s1.any():
-            out[4:8, no_s1] = MASK_VALUE
+            out[4:8, no_s1] = float(MASK_VALUE)
     return out
 
 
@@ -124,9 +128,10 @@ def modalities_present(export: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def validity_mask(export: np.ndarray) -> np.ndarray:
-    """True where GUM 2.0 maps the pixel: it has Sentinel-2 or Sentinel-1 (see the module docstring)."""
-    return np.isfinite(export[bands.S2_SLICE]).any(axis=0) | np.isfinite(export[bands.S1_SLICE]).any(axis=0)
+def validity_mask(export):
+    """True where GUM 2.0 maps the pixel: it has Sentinel-2 or Sentinel-1 (see the module docstring).
+    A numpy array or a torch tensor in, the same kind out."""
+    return bands.finite(export[bands.S2_SLICE]).any(0) | bands.finite(export[bands.S1_SLICE]).any(0)
 
 
 # --------------------------------------------------------------------------------- the network
@@ -515,10 +520,10 @@ class Gum2:
         m = self._module
         return nn.ModuleList([m.s2_encoder, m.s1_encoder, m.topo_encoder])
 
-    def preprocess(self, export: np.ndarray) -> np.ndarray:
+    def preprocess(self, export):
         return preprocess(export, mask_missing=not self.notebook)
 
-    def validity(self, export: np.ndarray) -> np.ndarray:
+    def validity(self, export):
         return validity_mask(export)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,17 +26,20 @@ input rows and accumulator rows that pending crops still touch, and hands finish
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator
-from typing import Literal
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from gum_ray.errors import InputError
-from gum_ray.imagery import Imagery, Prediction, probability_to_uint8  # noqa: F401 - re-exported
+from gum_ray.imagery import NODATA, Imagery, Prediction, probability_to_uint8  # noqa: F401 - re-exported
 from gum_ray.network import UrbanModel, as_model
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,13 @@ def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype
     raise InputError(f"precision {precision!r}: use auto, fp32, bf16 or fp16", param="precision")
 
 
+def default_channels_last(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
+    """Channels_last (with BN folded into the convs) unless told otherwise: oneDNN and cuDNN run it
+    faster in every precision (measured: docs/performance.md). It changes fp32 rounding against
+    mmseg's NCHW path, so the seed settings turn it off (``InferenceSettings.seed``)."""
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class InferenceSettings:
     """How a scene is cut into crops and merged back, and how the network runs."""
@@ -92,9 +102,10 @@ class InferenceSettings:
     stride: int = DEFAULT_STRIDE
     window: Literal["hann", "none"] = "hann"
     merge: Literal["probability", "logits"] = "probability"
-    batch_size: int = 8
+    batch_size: int | None = None  # None = per device (default_batch_size)
     precision: Precision = "auto"
-    channels_last: bool | None = None  # None = on with mixed precision, off in fp32 (exactness)
+    channels_last: bool | None = None  # None = per device (default_channels_last)
+    fold_bn: bool | None = None  # None = with channels_last (both change fp32 rounding vs the seed's)
     compile: bool = False
     device: str = "auto"
     #: preprocess exactly as the family's published notebook, missing modalities included (GUM 2.0:
@@ -104,7 +115,7 @@ class InferenceSettings:
     def __post_init__(self) -> None:
         if not 1 <= self.stride <= CROP:
             raise InputError(f"stride {self.stride}: must be between 1 and {CROP} px", param="stride")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise InputError(f"batch_size {self.batch_size}: must be at least 1", param="batch_size")
         if self.window not in ("hann", "none"):
             raise InputError(f"window {self.window!r}: use hann or none", param="window")
@@ -122,7 +133,7 @@ class InferenceSettings:
         logits moved by up to 6e-6 and one near-tie pixel of 879,780 flipped class on the real scene).
         """
         base = dict(stride=CROP, window="none", merge="logits", precision="fp32", channels_last=False,
-                    batch_size=1, notebook_preprocessing=True)
+                    fold_bn=False, batch_size=1, notebook_preprocessing=True)
         base.update(overrides)
         return cls(**base)
 
@@ -153,12 +164,17 @@ def crop_count(height: int, width: int, stride: int) -> int:
     return len(crop_starts(max(height, CROP), stride)) * len(crop_starts(max(width, CROP), stride))
 
 
-def window_2d(kind: str, crop: int = CROP) -> np.ndarray:
+def window_1d(kind: str, crop: int = CROP) -> np.ndarray:
+    """The blending window along one axis (the 2-D window is its outer product)."""
     if kind == "none":
-        return np.ones((crop, crop), np.float32)
+        return np.ones(crop, np.float32)
     i = np.arange(crop, dtype=np.float64)
-    w1 = WINDOW_FLOOR + (1.0 - WINDOW_FLOOR) * np.sin(np.pi * (i + 0.5) / crop) ** 2
-    return np.outer(w1, w1).astype(np.float32)
+    return (WINDOW_FLOOR + (1.0 - WINDOW_FLOOR) * np.sin(np.pi * (i + 0.5) / crop) ** 2).astype(np.float32)
+
+
+def window_2d(kind: str, crop: int = CROP) -> np.ndarray:
+    w1 = window_1d(kind, crop)
+    return np.outer(w1, w1)
 
 
 class _Forward(torch.nn.Module):
@@ -173,10 +189,100 @@ class _Forward(torch.nn.Module):
         return self._model.forward(x)
 
 
+def fold_batchnorm(module: torch.nn.Module) -> int:
+    """Fold every eval-mode BatchNorm that directly follows a conv into that conv, in place.
+
+    Covers mmcv ``ConvModule`` (conv, then its norm) and ``nn.Sequential`` (a Conv2d followed by a
+    BatchNorm2d), which is how GUM 1 (and GUM 2.0's fusion and decoder blocks) are built. Returns the
+    number folded. This changes fp32 rounding (the folded weights are rounded once more), so the
+    engine folds only where the arithmetic is not bound to the seed path's (see ``InferenceSettings.fold_bn``).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    n = 0
+    for mod in list(module.modules()):
+        conv, norm_name = getattr(mod, "conv", None), getattr(mod, "norm_name", None)
+        if isinstance(conv, torch.nn.Conv2d) and norm_name and getattr(mod, "order", None) == ("conv", "norm", "act"):
+            bn = getattr(mod, norm_name, None)
+            if isinstance(bn, torch.nn.BatchNorm2d) and bn.track_running_stats:
+                mod.conv = fuse_conv_bn_eval(conv, bn)
+                setattr(mod, norm_name, torch.nn.Identity())
+                n += 1
+        if isinstance(mod, torch.nn.Sequential):
+            for i in range(len(mod) - 1):
+                if isinstance(mod[i], torch.nn.Conv2d) and isinstance(mod[i + 1], torch.nn.BatchNorm2d):
+                    mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
+                    mod[i + 1] = torch.nn.Identity()
+                    n += 1
+    return n
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Crops per forward when the settings leave it open: a GPU's batch fills it; on a CPU one crop
+    already makes large GEMMs, and bigger batches only make bigger buffers (page faults)."""
+    return 32 if device.type == "cuda" else 1
+
+
+_MALLOC_TUNED = False
+
+
+def retain_freed_memory(limit_bytes: int = 1 << 30) -> None:
+    """Keep freed heap memory in the process (glibc): no page-fault churn for per-crop buffers.
+
+    A network's activations (17-34 MB a crop) are above glibc's mmap threshold, so each is mapped
+    and unmapped, and every page faults in again on every forward (millions of minor faults, seconds
+    of system time). Raising the mmap and trim thresholds serves them from the heap, reused; peak
+    RSS stays the working set. Linux/glibc only; elsewhere this does nothing.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, ctypes.c_int(limit_bytes // 4))  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, ctypes.c_int(limit_bytes))  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _as_device_tensor(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Upload ``a`` (pinned and asynchronous on CUDA); a tensor already there is returned as is."""
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@dataclasses.dataclass
+class _Scene:
+    """One scene's state in :meth:`InferenceEngine.predict_scenes`."""
+
+    key: Any
+    x: torch.Tensor  # (C, hp, wp) network input on the device, padded to at least a crop
+    height: int
+    width: int
+    crops: list[tuple[int, int]]
+    acc: torch.Tensor  # (K, hp, wp)
+    weight: torch.Tensor  # (hp, wp), separable: outer(wy, wx)
+    valid: torch.Tensor | None
+    done: int = 0
+
+
 class InferenceEngine:
     """Runs a model (:class:`~gum_ray.network.UrbanModel`) over whole scenes with :class:`InferenceSettings`.
 
     ``model`` may also be a bare GUM 1 network (an mmseg module), which is wrapped.
+
+    The arithmetic runs on the engine's device, CPU or GPU alike: decoding compact integers
+    (:meth:`predict_compact`), the model's preprocessing (its ``preprocess`` on tensors), cutting
+    crops (one device copy each into a batch buffer that is reused), the forward, blending
+    (per-crop adds into an accumulator; the weights are separable, ``outer(wy, wx)``, never
+    accumulated) and thresholding. Only uint8 (or float16) results come back to the host.
     """
 
     def __init__(self, model: UrbanModel | torch.nn.Module, settings: InferenceSettings | None = None):
@@ -185,58 +291,115 @@ class InferenceEngine:
         self.autocast_dtype = resolve_precision(self.settings.precision, self.device)
         channels_last = self.settings.channels_last
         if channels_last is None:
-            # channels_last changes fp32 rounding against mmseg's NCHW path (a few near-tie pixels
-            # flip class); under autocast the rounding is bf16/fp16's anyway and it is faster.
-            channels_last = self.autocast_dtype is not None
+            channels_last = default_channels_last(self.device, self.autocast_dtype)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        fold = self.settings.fold_bn if self.settings.fold_bn is not None else channels_last
         self.model = as_model(model)
         if self.settings.notebook_preprocessing and hasattr(self.model, "as_notebook"):
             self.model = self.model.as_notebook()  # a family whose default differs from its notebook
+        if fold:  # on a copy: the caller's model keeps its weights
+            self.model = copy.deepcopy(self.model)
+            self.folded = fold_batchnorm(self.model.module)
+        else:
+            self.folded = 0
         self.model.module.to(self.device).eval()
         self.model.module.to(memory_format=self.memory_format)
         self.in_channels = int(self.model.in_channels)
+        self.batch_size = self.settings.batch_size or default_batch_size(self.device)
         forward = _Forward(self.model)
         self._forward = torch.compile(forward, dynamic=False) if self.settings.compile else forward
-        self._window = torch.from_numpy(window_2d(self.settings.window)).to(self.device)
+        self._w1 = torch.from_numpy(window_1d(self.settings.window)).to(self.device)
+        self._window = torch.outer(self._w1, self._w1)
+        self._batch: torch.Tensor | None = None
         self.crops_run = 0
+        #: seconds spent per stage (the host's view: on CUDA, kernels are asynchronous)
+        self.stage_s: dict[str, float] = collections.defaultdict(float)
+        if self.device.type == "cpu":
+            retain_freed_memory()
+
+    def to_device(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``a`` as a tensor on the engine's device (uploaded once: pinned and asynchronous on CUDA)."""
+        return _as_device_tensor(a, self.device)
 
     # -- the network on one batch ---------------------------------------------------------
+    def _batch_buffer(self) -> torch.Tensor:
+        if self._batch is None:
+            self._batch = torch.empty((self.batch_size, self.in_channels, CROP, CROP), device=self.device
+                                      ).contiguous(memory_format=self.memory_format)
+        return self._batch
+
     @torch.inference_mode()
-    def _run_batch(self, crops: np.ndarray) -> torch.Tensor:
+    def _run_batch(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, C, 256, 256) float32 -> per-crop scores on the device (B, K, 256, 256) float32.
 
         K = 2 logits for merge="logits"; K = 1 window-weighted P(urban) for merge="probability".
         """
-        x = torch.from_numpy(crops)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.contiguous(memory_format=self.memory_format)
+        x = _as_device_tensor(crops, self.device).contiguous(memory_format=self.memory_format)
+        return self._scores(x)
+
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        t = time.perf_counter()
         if self.autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                 logits = self._forward(x)
         else:
             logits = self._forward(x)
         logits = logits.float()
-        self.crops_run += crops.shape[0]
+        self.crops_run += x.shape[0]
         if self.settings.merge == "logits":
-            return logits
-        return (torch.softmax(logits, dim=1)[:, 1:2] * self._window).contiguous()
+            out = logits
+        else:
+            out = torch.softmax(logits, dim=1)[:, 1:2] * self._window
+        self.stage_s["forward"] += time.perf_counter() - t
+        return out
+
+    def _run_views(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Crops given as (C, 256, 256) views of device tensors -> scores; one device copy each into
+        the reused batch buffer, no host copy."""
+        t = time.perf_counter()
+        buf = self._batch_buffer()[: len(views)]
+        for j, v in enumerate(views):
+            buf[j].copy_(v)
+        self.stage_s["crop"] += time.perf_counter() - t
+        return self._scores(buf)
+
+    # -- geometry -------------------------------------------------------------------------
+    def _geometry(self, height: int, width: int, origin) -> tuple[int, int, list[int], list[int]]:
+        s = self.settings
+        hp, wp = max(height, CROP), max(width, CROP)
+        oy, ox = origin if origin is not None else (None, None)
+        return hp, wp, crop_starts(hp, s.stride, origin=oy), crop_starts(wp, s.stride, origin=ox)
+
+    def _axis_weight(self, n: int, starts: list[int]) -> torch.Tensor:
+        """Sum over the crops of an axis of the 1-D window (a count for merge="logits")."""
+        w = torch.zeros(n, dtype=torch.float32, device=self.device)
+        w1 = self._w1 if self.settings.merge == "probability" else torch.ones_like(self._w1)
+        for a in starts:
+            w[a : a + CROP] += w1
+        return w
+
+    def _finish(self, acc: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blended scores / weights -> (P(urban) float32, class uint8), on the device."""
+        if self.settings.merge == "logits":
+            mean = acc / weight  # as mmseg: sum of logits / count
+            label = (mean[1] > mean[0]).to(torch.uint8)  # argmax, ties -> class 0
+            prob = torch.softmax(mean, dim=0)[1]
+        else:
+            prob = (acc[0] / weight).clamp_(0.0, 1.0)  # the weights' sum is a product: 1 ulp off
+            label = (prob > 0.5).to(torch.uint8)
+        return prob, label
 
     # -- whole scenes ---------------------------------------------------------------------
-    def predict(self, x: np.ndarray, origin: tuple[int, int] | None = None) -> Prediction:
-        """Predict a preprocessed scene (C, H, W) float32 held in memory.
+    def predict(self, x: np.ndarray | torch.Tensor, origin: tuple[int, int] | None = None) -> Prediction:
+        """Predict a preprocessed scene (C, H, W) float32 held in memory (numpy, or a tensor).
 
         ``origin`` = (row, col) of the scene's first pixel on a larger pixel grid: crops are then
         placed on that grid's stride lattice (see :func:`crop_starts`), so overlapping scenes of one
         grid (neighbouring cells with their halos) agree where they overlap.
         """
-        self._check_input(x.shape)
-        prob = np.empty(x.shape[1:], np.float32)
-        label = np.empty(x.shape[1:], np.uint8)
-        for y0, p, lab in self.predict_rows(lambda a, b: x[:, a:b], x.shape[1], x.shape[2], origin=origin):
-            prob[y0 : y0 + p.shape[0]] = p
-            label[y0 : y0 + p.shape[0]] = lab
-        return Prediction(prob, label)
+        self._check_input(tuple(x.shape))
+        (_, prob, label), = self.predict_scenes([(None, x, None, origin)])
+        return Prediction(prob.cpu().numpy(), label.cpu().numpy())
 
     def predict_imagery(self, imagery: Imagery, origin: tuple[int, int] | None = None) -> Prediction:
         """Predict imagery on its grid: the model's preprocessing, no data where the model says so.
@@ -256,6 +419,113 @@ class InferenceEngine:
         pred = self.predict(self.model.preprocess(imagery.export), origin=origin)
         return Prediction(pred.probability, pred.label, imagery.geobox, quality=quality).masked(valid)
 
+    def prepare_compact(self, parts: dict[str, np.ndarray | torch.Tensor], rows_per_block: int = 64
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compact integer parts (:data:`gum_ray.imagery.COMPACT_PARTS`, as cached) -> the network
+        input (C, H, W) float32 and the model's validity (H, W) bool, on the engine's device.
+
+        The integers are uploaded once; decoding (:func:`gum_ray.bands.decode_compact`) and the
+        model's own ``preprocess`` and ``validity`` run on the device, in row blocks (on a CPU they
+        stay in cache). The values equal the numpy path's (``model.preprocess(decode_compact(parts))``).
+        """
+        from gum_ray.bands import decode_compact
+
+        t = time.perf_counter()
+        dev = {k: _as_device_tensor(v, self.device) for k, v in parts.items()}
+        self.stage_s["upload"] += time.perf_counter() - t
+        t = time.perf_counter()
+        _, h, w = dev["s2"].shape
+        x = torch.empty((self.in_channels, h, w), dtype=torch.float32, device=self.device)
+        valid = torch.empty((h, w), dtype=torch.bool, device=self.device)
+        with torch.inference_mode():
+            for a in range(0, h, rows_per_block):
+                rows = slice(a, min(a + rows_per_block, h))
+                export = decode_compact(dev, rows)
+                valid[rows] = self.model.validity(export)
+                x[:, rows] = self.model.preprocess(export)
+        self.stage_s["decode+preprocess"] += time.perf_counter() - t
+        return x, valid
+
+    def predict_compact(self, parts: dict[str, np.ndarray], origin: tuple[int, int] | None = None) -> Prediction:
+        """Predict a scene given as compact integer parts (the imagery cache's); P(urban) float32,
+        NaN where the model does not map the pixel, and the class."""
+        x, valid = self.prepare_compact(parts)
+        (_, prob, label), = self.predict_scenes([(None, x, valid, origin)])
+        return Prediction(prob.cpu().numpy(), label.cpu().numpy())
+
+    @torch.inference_mode()
+    def predict_scenes(self, scenes: Iterable[tuple[Any, Any, Any, Any]]
+                       ) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
+        """Predict several scenes, batching crops across them (a batch is always full but at the end).
+
+        ``scenes`` yields ``(key, x, valid, origin)``: ``x`` the network input (C, H, W) (numpy or a
+        tensor, uploaded once), ``valid`` None or a bool (H, W) mask (crops without a valid pixel are
+        not run; P(urban) is NaN and the class 0 outside the mask), ``origin`` as in :meth:`predict`.
+        It is read lazily, one scene ahead of the crops that need it, so a producer can decode the
+        next scene while this one runs. Yields ``(key, probability, label)`` as device tensors
+        (float32 (H, W), uint8 (H, W)) in the order the scenes came.
+        """
+        pending: collections.deque[_Scene] = collections.deque()
+        queue: collections.deque[tuple[_Scene, int, int]] = collections.deque()
+        it = iter(scenes)
+        exhausted = False
+        k = 2 if self.settings.merge == "logits" else 1
+        while True:
+            while not exhausted and len(queue) < self.batch_size:
+                try:
+                    key, x, valid, origin = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                scene = self._new_scene(key, x, valid, origin, k)
+                pending.append(scene)
+                queue.extend((scene, y, xx) for y, xx in scene.crops)
+            while pending and pending[0].done == len(pending[0].crops):
+                yield self._end_scene(pending.popleft())
+            if not queue:
+                if exhausted and not pending:
+                    return
+                continue
+            batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
+            scores = self._run_views([sc.x[:, y : y + CROP, xx : xx + CROP] for sc, y, xx in batch])
+            t = time.perf_counter()
+            for j, (sc, y, xx) in enumerate(batch):
+                sc.acc[:, y : y + CROP, xx : xx + CROP] += scores[j]
+                sc.done += 1
+            self.stage_s["blend"] += time.perf_counter() - t
+
+    def _new_scene(self, key, x, valid, origin, k: int) -> _Scene:
+        self._check_input(tuple(x.shape))
+        t = time.perf_counter()
+        x = _as_device_tensor(x, self.device)
+        if x.dtype != torch.float32:
+            x = x.float()
+        height, width = x.shape[1:]
+        if valid is not None:
+            valid = _as_device_tensor(valid, self.device)
+        pad_h, pad_w = max(CROP - height, 0), max(CROP - width, 0)
+        if pad_h or pad_w:  # small scenes: numpy's reflection (repeats for pads beyond the size)
+            x = _as_device_tensor(_reflect_pad(x.cpu().numpy(), pad_h, pad_w), self.device)
+        hp, wp, ys, xs = self._geometry(height, width, origin)
+        crops = [(y, xx) for y in ys for xx in xs]
+        if valid is not None:
+            vp = torch.nn.functional.pad(valid[None].float(), (0, pad_w, 0, pad_h))[0]
+            hits = torch.stack([vp[y : y + CROP, xx : xx + CROP].any() for y, xx in crops]) if crops else []
+            crops = [c for c, hit in zip(crops, hits.tolist()) if hit]
+        weight = torch.outer(self._axis_weight(hp, ys), self._axis_weight(wp, xs))
+        acc = torch.zeros((k, hp, wp), dtype=torch.float32, device=self.device)
+        self.stage_s["scene"] += time.perf_counter() - t
+        return _Scene(key, x, int(height), int(width), crops, acc, weight, valid)
+
+    def _end_scene(self, sc: _Scene) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        t = time.perf_counter()
+        prob, label = self._finish(sc.acc[:, : sc.height, : sc.width], sc.weight[: sc.height, : sc.width])
+        if sc.valid is not None:
+            prob = prob.masked_fill(~sc.valid, float("nan"))
+            label = label.masked_fill(~sc.valid, 0)
+        self.stage_s["finish"] += time.perf_counter() - t
+        return sc.key, prob, label
+
     def _check_input(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 3:
             raise InputError(f"expected a (channels, height, width) array, got shape {shape}")
@@ -266,97 +536,149 @@ class InferenceEngine:
         if shape[1] < 1 or shape[2] < 1:
             raise InputError(f"empty image of shape {shape[1]} x {shape[2]}")
 
+    @torch.inference_mode()
     def predict_rows(
         self,
-        read_rows: Callable[[int, int], np.ndarray],
+        read_rows: Callable[[int, int], Any],
         height: int,
         width: int,
         progress: Callable[[int], None] | None = None,
         origin: tuple[int | None, int | None] | None = None,
         keep_crop: Callable[[int, int], bool] | None = None,
+        encode: bool = False,
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Stream a scene of ``height`` x ``width`` px through the network.
 
         ``read_rows(y0, y1)`` returns the preprocessed rows ``[y0, y1)`` as (C, y1 - y0, width)
-        float32. ``origin``: see :meth:`predict`. Yields ``(y0, probability_rows, label_rows)`` for consecutive, finished row
-        blocks, top to bottom. ``progress(n)`` is called with the number of crops done.
+        float32 (numpy, or a tensor: on the engine's device nothing is copied); with ``encode``, a
+        pair (rows, valid) where valid is a bool (y1 - y0, width) mask. ``origin``: see
+        :meth:`predict`. Yields ``(y0, probability_rows, label_rows)`` for consecutive, finished row
+        blocks, top to bottom; with ``encode``, ``(y0, percent_rows, class_rows)`` as uint8 made on
+        the device (P(urban) x 100 rounded, class 0/1, :data:`~gum_ray.imagery.NODATA` where not
+        valid). ``progress(n)`` is called with the number of crops done.
         ``keep_crop(y, x)``, asked once the rows of a crop are read, lets the caller skip crops it
         knows are all no data (their pixels come out NaN; no other pixel changes, since a crop only
         contributes to its own pixels).
+
+        Memory: the input rows and accumulator rows that pending crops still touch, in two buffers
+        each that are allocated once and reused (no allocation per batch).
         """
         s = self.settings
         self._check_input((self.in_channels, height, width))
         pad_h, pad_w = max(CROP - height, 0), max(CROP - width, 0)
-        hp, wp = height + pad_h, width + pad_w
-        oy, ox = origin if origin is not None else (None, None)
-        ys, xs = crop_starts(hp, s.stride, origin=oy), crop_starts(wp, s.stride, origin=ox)
+        hp, wp, ys, xs = self._geometry(height, width, origin)
         crops = [(y, x) for y in ys for x in xs]
         k = 2 if s.merge == "logits" else 1
+        bs = self.batch_size
+        wy, wx = self._axis_weight(hp, ys), self._axis_weight(wp, xs)
+        # the most rows one batch needs: input rows [first crop's y, last crop's y + CROP)
+        span = max(crops[min(i + bs, len(crops)) - 1][0] + CROP - crops[i][0] for i in range(0, len(crops), bs))
+        cap = span + max(s.stride, CROP)
+        dev = self.device
 
-        def read_padded(a: int, b: int) -> np.ndarray:
+        def read_padded(a: int, b: int):
+            t = time.perf_counter()
+            valid = None
             if pad_h:  # the whole (short) image, padded to one crop high
-                block = np.asarray(read_rows(0, height), dtype=np.float32)
-                block = _reflect_pad(block, pad_h, pad_w)
-                return block[:, a:b]
-            block = np.asarray(read_rows(a, b), dtype=np.float32)
-            return _reflect_pad(block, 0, pad_w) if pad_w else block
+                got = read_rows(0, height)
+                block, valid = got if encode else (got, None)
+                block = _reflect_pad(np.asarray(_to_numpy(block), dtype=np.float32), pad_h, pad_w)[:, a:b]
+                valid = None if valid is None else np.pad(_to_numpy(valid), ((0, pad_h), (0, pad_w)))[a:b]
+            else:
+                got = read_rows(a, b)
+                block, valid = got if encode else (got, None)
+                if pad_w:
+                    block = _reflect_pad(np.asarray(_to_numpy(block), dtype=np.float32), 0, pad_w)
+                    valid = None if valid is None else np.pad(_to_numpy(valid), ((0, 0), (0, pad_w)))
+            self.stage_s["read"] += time.perf_counter() - t
+            t = time.perf_counter()
+            block = _as_device_tensor(block, dev)
+            valid = None if valid is None else _as_device_tensor(valid, dev)
+            self.stage_s["upload"] += time.perf_counter() - t
+            return block, valid
 
-        in_top, in_buf = 0, np.zeros((self.in_channels, 0, wp), np.float32)
-        acc_top = 0
-        acc = torch.zeros((k, 0, wp), dtype=torch.float32, device=self.device)
-        weight = torch.zeros((1, 0, wp), dtype=torch.float32, device=self.device)
+        # rolling windows of rows, two buffers each, swapped when the top rows are dropped
+        ins = [torch.empty((self.in_channels, cap, wp), dtype=torch.float32, device=dev) for _ in range(2)]
+        accs = [torch.zeros((k, cap, wp), dtype=torch.float32, device=dev) for _ in range(2)]
+        vals = [torch.ones((cap, wp), dtype=torch.bool, device=dev) for _ in range(2)] if encode else None
+        # with keep_crop, which pixels a run crop covered (the others come out as no data)
+        covs = [torch.zeros((cap, wp), dtype=torch.bool, device=dev) for _ in range(2)] if keep_crop else None
+        in_top = in_n = 0  # rows [in_top, in_top + in_n) held in ins[0]
+        acc_top = acc_n = 0  # rows [acc_top, acc_top + acc_n) held in accs[0], the rest of it zero
         emitted = 0
         i = 0
         while i < len(crops):
-            batch = crops[i : i + s.batch_size]
+            batch = crops[i : i + bs]
             i += len(batch)
-            # input rows these crops need: [batch[0].y, batch[-1].y + CROP)
             need_top, need_bottom = batch[0][0], batch[-1][0] + CROP
-            if need_top > in_top:
-                in_buf = in_buf[:, need_top - in_top :]
-                in_top = need_top
-            have = in_top + in_buf.shape[1]
-            if need_bottom > have:
-                in_buf = np.concatenate([in_buf, read_padded(have, need_bottom)], axis=1)
+            if need_top > in_top:  # drop rows above the batch
+                drop = min(need_top - in_top, in_n)
+                keep = in_n - drop
+                if keep:
+                    ins[1][:, :keep].copy_(ins[0][:, drop:in_n])
+                    if encode:
+                        vals[1][:keep].copy_(vals[0][drop:in_n])
+                ins.reverse()
+                if encode:
+                    vals.reverse()
+                in_top, in_n = need_top, keep
+            if need_bottom > in_top + in_n:
+                block, valid = read_padded(in_top + in_n, need_bottom)
+                ins[0][:, in_n : in_n + block.shape[1]].copy_(block)
+                if encode:
+                    vals[0][in_n : in_n + block.shape[1]].copy_(valid)
+                in_n += block.shape[1]
             run = batch if keep_crop is None else [(y, x) for y, x in batch if keep_crop(y, x)]
             if run:
-                tiles = np.stack([in_buf[:, y - in_top : y - in_top + CROP, x : x + CROP] for y, x in run])
-                scores = self._run_batch(tiles)
-            # grow the accumulators down to the lowest crop of the batch
-            acc_bottom = acc_top + acc.shape[1]
-            if need_bottom > acc_bottom:
-                extra = need_bottom - acc_bottom
-                acc = torch.cat([acc, acc.new_zeros((k, extra, wp))], dim=1)
-                weight = torch.cat([weight, weight.new_zeros((1, extra, wp))], dim=1)
-            for j, (y, x) in enumerate(run):
-                r = y - acc_top
-                acc[:, r : r + CROP, x : x + CROP] += scores[j]
-                if s.merge == "logits":
-                    weight[:, r : r + CROP, x : x + CROP] += 1
-                else:
-                    weight[:, r : r + CROP, x : x + CROP] += self._window
+                scores = self._run_views([ins[0][:, y - in_top : y - in_top + CROP, x : x + CROP] for y, x in run])
+                t = time.perf_counter()
+                for j, (y, x) in enumerate(run):
+                    r = y - acc_top
+                    accs[0][:, r : r + CROP, x : x + CROP] += scores[j]
+                    if covs is not None:
+                        covs[0][r : r + CROP, x : x + CROP] = True
+                self.stage_s["blend"] += time.perf_counter() - t
+            acc_n = max(acc_n, need_bottom - acc_top)
             if progress is not None:
                 progress(len(batch))
             # rows above the next crop are final
-            frontier = crops[i][0] if i < len(crops) else hp
-            frontier = min(frontier, height)
+            frontier = min(crops[i][0] if i < len(crops) else hp, height)
             if frontier > emitted:
+                t = time.perf_counter()
                 n = frontier - acc_top
-                prob, label = self._finish(acc[:, :n], weight[:, :n])
-                yield emitted, prob[:, :width], label[:, :width]
+                prob, label = self._finish(accs[0][:, :n], wy[acc_top:frontier, None] * wx[None, :])
+                if covs is not None:
+                    prob = prob.masked_fill(~covs[0][:n], float("nan"))
+                if encode:
+                    valid = vals[0][acc_top - in_top : frontier - in_top]
+                    out_a = _percent(prob, valid)[:, :width].cpu().numpy()
+                    out_b = label.masked_fill(~valid, NODATA)[:, :width].cpu().numpy()
+                else:
+                    out_a, out_b = prob[:, :width].cpu().numpy(), label[:, :width].cpu().numpy()
+                self.stage_s["finish"] += time.perf_counter() - t
+                yield emitted, out_a, out_b
                 emitted = frontier
-                acc, weight = acc[:, n:], weight[:, n:]
-                acc_top = frontier
+                # the other buffer is all zero: move the rows still pending there, clear this one
+                keep = acc_n - n
+                for bufs in (accs, covs) if covs is not None else (accs,):
+                    bufs[1][..., :keep, :].copy_(bufs[0][..., n:acc_n, :])
+                    bufs[0][..., :acc_n, :].zero_()
+                    bufs.reverse()
+                acc_top, acc_n = frontier, keep
 
-    def _finish(self, acc: torch.Tensor, weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        if self.settings.merge == "logits":
-            mean = acc / weight  # as mmseg: sum of logits / count
-            label = (mean[1] > mean[0]).to(torch.uint8)  # argmax, ties -> class 0
-            prob = torch.softmax(mean, dim=0)[1]
-        else:
-            prob = acc[0] / weight[0]
-            label = (prob > 0.5).to(torch.uint8)
-        return prob.cpu().numpy(), label.cpu().numpy()
+
+def _to_numpy(a) -> np.ndarray:
+    return a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _percent(prob: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """P(urban) -> uint8 percent 0-100 on the device, NODATA where not valid or NaN
+    (:func:`gum_ray.imagery.probability_to_uint8`'s arithmetic: rint(p x 100), clipped)."""
+    out = torch.round(torch.nan_to_num(prob, nan=0.0) * 100.0).clamp(0, 100).to(torch.uint8)
+    bad = ~torch.isfinite(prob)
+    if valid is not None:
+        bad |= ~valid
+    return out.masked_fill(bad, NODATA)
 
 
 def _reflect_pad(block: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:

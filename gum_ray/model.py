@@ -288,8 +288,9 @@ def random_checkpoint(
 class Gum1:
     """GUM 1 (mmseg UNet + PSP head, 10 or 13 channels): an :class:`gum_ray.network.UrbanModel`.
 
-    Preprocessing is the seed notebook's (:func:`gum_ray.bands.preprocess`); a pixel without
-    Sentinel-2 is no data; ``forward`` is mmseg's ``encode_decode`` on whole crops.
+    Preprocessing is the seed notebook's (:func:`gum_ray.bands.preprocess`, numpy or torch on any
+    device, the same values); a pixel without Sentinel-2 is no data; ``forward`` is mmseg's
+    ``encode_decode`` on whole crops.
     """
 
     family = "gum1"

@@ -7,8 +7,9 @@ A model family (GUM 1, :class:`gum_ray.model.Gum1`; GUM 2.0, :class:`gum_ray.gum
 ``family``              the family's name (``"gum1"``), recorded in provenance
 ``in_channels``         channels of the network's input (after preprocessing)
 ``required_bands``      the GUM export bands it reads (:mod:`gum_ray.bands` names)
-``preprocess(export)``  GUM export (bands, H, W) float32, NaN = missing -> network input (C, H, W)
-``validity(export)``    bool (H, W): the pixels the model maps (the rest is no data)
+``preprocess(export)``  GUM export (bands, H, W) float32, NaN = missing -> network input (C, H, W);
+                        a numpy array or a torch tensor (any device) in, the same kind out
+``validity(export)``    bool (H, W): the pixels the model maps (the rest is no data); numpy or torch
 ``forward(x)``          a batch of crops (B, C, 256, 256) -> logits (B, 2, 256, 256), class 1 = urban
 ``module``              the :class:`torch.nn.Module` holding the weights (device, dtype, training)
 ``encoder``             the part of ``module`` a fine-tune may freeze
@@ -21,6 +22,21 @@ A family whose default preprocessing differs from its authors' notebook (GUM 2.0
 modality as it was trained) also offers ``as_notebook()``: the same weights, preprocessing as the
 notebook; the engine uses it under ``InferenceSettings.notebook_preprocessing`` (the seed settings).
 
+**The device path** (DESIGN decision 13). The inference engine hands ``preprocess`` and
+``validity`` torch tensors on its device: a cached cell's compact integers are uploaded once and
+decoded there (:func:`gum_ray.bands.decode_compact` on tensors, in row blocks), then the family's own
+preprocessing runs as tensor ops, so each family's arithmetic is written once and gives the same
+values on the host (numpy) and on any device. To adopt it a family writes its preprocessing with
+operations numpy arrays and tensors share (slicing, ``+ - *``, ``.clip(lo, hi)``, slice assignment)
+and :mod:`gum_ray.bands`'s helpers for the rest: :func:`~gum_ray.bands.finite_or_zero` for
+``np.nan_to_num``, :func:`~gum_ray.bands.empty_float32` for ``np.empty``,
+:func:`~gum_ray.bands.constant` for per-band constant vectors (e.g. GUM 2.0's S1 ``vmin``/``vmax``)
+and :func:`~gum_ray.bands.true_div` for a division by a Python number (CUDA multiplies by the
+reciprocal there, 1 ulp off numpy). A test then asserts ``preprocess(torch.from_numpy(e))`` equals
+``preprocess(e)`` bit for bit (``tests/test_device_path.py`` does it for GUM 1 and GUM 2.0). A family whose
+``preprocess`` only takes numpy still runs: through :meth:`~gum_ray.inference.InferenceEngine.predict`
+with a host-preprocessed input.
+
 The compatibility rule between a model and imagery lives here, once: the imagery must carry every
 band the model requires (:func:`check_compatible`); extra bands are not an error (a 10-channel model
 ignores the product bands of 14-band imagery). ``gum map``, ``gum patches``, ``gum predict``,
@@ -31,7 +47,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 
 from gum_ray.bands import export_band_names
 from gum_ray.errors import CheckpointError
@@ -56,9 +71,9 @@ class UrbanModel(Protocol):
     @property
     def encoder(self) -> Any: ...
 
-    def preprocess(self, export: np.ndarray) -> np.ndarray: ...
+    def preprocess(self, export: Any) -> Any: ...
 
-    def validity(self, export: np.ndarray) -> np.ndarray: ...
+    def validity(self, export: Any) -> Any: ...
 
     def forward(self, x: Any) -> Any: ...
 

@@ -28,7 +28,7 @@ from rasterio.windows import Window
 from gum_ray import bands
 from gum_ray.errors import InputError
 from gum_ray.export_io import ExportFile, list_exports, open_export
-from gum_ray.imagery import NODATA, input_quality, masks_from_export, probability_to_uint8
+from gum_ray.imagery import NODATA, input_quality, masks_from_export
 from gum_ray.inference import CROP, InferenceEngine, crop_count
 from gum_ray.input_checks import UnitsCheck
 from gum_ray.network import check_compatible
@@ -120,28 +120,28 @@ def predict_file(
                     quality_rows: dict[int, np.ndarray] = {}
 
                     def read_rows(y0: int, y1: int, _r0=r0, _r1=r1, _valid=valid_rows,
-                                  _quality=quality_rows) -> np.ndarray:
+                                  _quality=quality_rows):
                         raw = src.read_window(y0, y1, _r0, _r1)
                         units.observe(raw)
                         _valid[y0] = model.validity(raw)
                         _quality[y0] = _quality_of(raw, src.with_products)
-                        return model.preprocess(raw)
+                        # the model's preprocessing runs on the engine's device
+                        raw_t = engine.to_device(raw)
+                        return model.preprocess(raw_t), model.validity(raw_t)
 
                     # interior strips put crops on the scene's stride lattice: with a halo of one
                     # crop, every kept pixel sees exactly the crops of a whole-width run
                     origin = None if len(strips) == 1 else (None, r0)
                     rows = engine.predict_rows(
                         read_rows, src.height, r1 - r0, progress, origin=origin,
-                        keep_crop=lambda y, x, _valid=valid_rows: _any_valid(_valid, y, x),
+                        keep_crop=lambda y, x, _valid=valid_rows: _any_valid(_valid, y, x), encode=True,
                     )
-                    for y0, prob, label in rows:
-                        valid = _valid_for(valid_rows, y0, prob.shape[0], src, model, (r0, r1))
-                        quality = _valid_for(quality_rows, y0, prob.shape[0], src, model, (r0, r1),
-                                             of=lambda raw: _quality_of(raw, src.with_products))
-                        p8 = probability_to_uint8(prob, valid)[:, k0 - r0 : k1 - r0]
-                        lab = label[:, k0 - r0 : k1 - r0].copy()
-                        lab[p8 == NODATA] = NODATA
-                        win = Window(k0, y0, k1 - k0, prob.shape[0])
+                    for y0, p8, lab in rows:  # uint8 made on the device, NODATA where not valid
+                        _forget_rows(valid_rows, y0 + p8.shape[0])
+                        quality = _rows_of(quality_rows, y0, p8.shape[0], src, (r0, r1),
+                                           lambda raw: _quality_of(raw, src.with_products))
+                        p8, lab = p8[:, k0 - r0 : k1 - r0], lab[:, k0 - r0 : k1 - r0]
+                        win = Window(k0, y0, k1 - k0, p8.shape[0])
                         dst.write(p8, 1, window=win)
                         dst.write(lab, 2, window=win)
                         dst.write(np.ascontiguousarray(quality[:, k0 - r0 : k1 - r0]), 3, window=win)
@@ -181,28 +181,31 @@ def _quality_of(raw: np.ndarray, with_products: bool) -> np.ndarray:
     return input_quality(masks_from_export(raw, with_products))
 
 
-def _valid_for(valid_rows: dict[int, np.ndarray], y0: int, n: int, src: ExportFile, model,
-               cols: tuple[int, int] | None = None, of: Callable[[np.ndarray], np.ndarray] | None = None
-               ) -> np.ndarray:
-    """The model's validity (or ``of(export block)``: another per-pixel array) of rows
-    [y0, y0 + n) of the column strip ``cols`` (default the whole width), from blocks already read,
-    else re-read."""
-    c0, c1 = cols if cols is not None else (0, src.width)
-    of = of or model.validity
-    first = next(iter(valid_rows.values()), None)
+def _rows_of(blocks: dict[int, np.ndarray], y0: int, n: int, src: ExportFile, cols: tuple[int, int],
+             of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Rows [y0, y0 + n) of a per-pixel array (``of(export block)``) of the column strip ``cols``,
+    from the blocks already computed, else from the export read again; blocks that end by row
+    y0 + n are dropped (their rows are written)."""
+    c0, c1 = cols
+    first = next(iter(blocks.values()), None)
     out = np.zeros((n, c1 - c0), dtype=bool if first is None else first.dtype)
     filled = np.zeros(n, dtype=bool)
-    for top in sorted(valid_rows):
-        block = valid_rows[top]
+    for top in sorted(blocks):
+        block = blocks[top]
         a, b = max(top, y0), min(top + block.shape[0], y0 + n)
         if a < b:
             out[a - y0 : b - y0] = block[a - top : b - top]
             filled[a - y0 : b - y0] = True
     if not filled.all():
         out = of(src.read_window(y0, y0 + n, c0, c1))
-    for top in [t for t in valid_rows if t + valid_rows[t].shape[0] <= y0 + n]:
-        del valid_rows[top]
+    _forget_rows(blocks, y0 + n)
     return out
+
+
+def _forget_rows(valid_rows: dict[int, np.ndarray], below: int) -> None:
+    """Drop the blocks that end above row ``below`` (their rows are written)."""
+    for top in [t for t in valid_rows if t + valid_rows[t].shape[0] <= below]:
+        del valid_rows[top]
 
 
 def strip_windows(width: int, strip_px: int = STRIP_PX, halo: int = CROP) -> list[tuple[int, int, int, int]]:

@@ -4,10 +4,14 @@
   (a)  the seed notebook's path: mmseg init_model + test_step([tensor]), slide 256/256, batch 1, fp32
   (b)  gum-ray at the seed's settings (stride 256, no window, logits averaged, fp32, NCHW, batch 1):
        bit-exact with (a), so the same kernels
-  (b') gum-ray, the seed's crop geometry (stride 256) with mixed precision + channels_last
+  (b') gum-ray, the seed's crop geometry (stride 256) with mixed precision + channels_last + BN folded
   (c)  gum-ray at its defaults (stride 192, Hann-blended probabilities, precision auto)
-  (f)  the batched forward alone (random crops, batch --forward-batch, mixed precision): the
-       engine's ceiling, and the number the GPU MFU goal is about
+  (g)  the whole cell path: the scene as compact integers (as the imagery cache holds them) ->
+       upload -> decode + preprocess + crops + blend + threshold on the device -> P(urban) back,
+       defaults: the number the GPU goal (>= 35 % of bf16 peak for the whole cell path) is about
+  (f)  the batched forward alone (random crops already on the device, batch --forward-batch,
+       precision auto), in NCHW and in channels_last with BN folded (what the defaults choose), and
+       compiled with --compile: the engine's ceiling per layout
 
 and the same rows (b), (b'), (c), (f) for GUM 2.0 (``--family``; random weights of the released width,
 BN calibrated on the image): its seed settings equal the authors' notebook (asserted by
@@ -40,7 +44,7 @@ sys.path.insert(0, str(REPO))
 from gum_ray import bands  # noqa: E402
 from gum_ray.export_io import open_export  # noqa: E402
 from gum_ray.inference import (CROP, InferenceEngine, InferenceSettings, crop_count,  # noqa: E402
-                               flops_per_crop, resolve_precision)
+                               default_batch_size, flops_per_crop, resolve_precision)
 from gum_ray.gum2 import GUM2_RELEASED, Gum2  # noqa: E402
 from gum_ray.model import CONFIG_DIR, GUM_10, load_checkpoint, random_checkpoint  # noqa: E402
 
@@ -103,10 +107,13 @@ def run_engine(model, settings: InferenceSettings, export: np.ndarray):
     return time.perf_counter() - t, pred, engine
 
 
-def run_forward(model, device: str, batch: int, iters: int, precision: str, compile_: bool):
-    settings = InferenceSettings(device=device, batch_size=batch, precision=precision, compile=compile_)
+def run_forward(model, device: str, batch: int, iters: int, precision: str, compile_: bool,
+                channels_last: bool | None = None):
+    settings = InferenceSettings(device=device, batch_size=batch, precision=precision, compile=compile_,
+                                 channels_last=channels_last)
     engine = InferenceEngine(model, settings)
-    crops = np.random.default_rng(0).uniform(0, 1, (batch, engine.in_channels, CROP, CROP)).astype(np.float32)
+    crops = torch.from_numpy(np.random.default_rng(0).uniform(0, 1, (batch, engine.in_channels, CROP, CROP))
+                             .astype(np.float32)).to(engine.device).contiguous(memory_format=engine.memory_format)
     for _ in range(2):
         engine._run_batch(crops)
     sync(engine.device)
@@ -115,6 +122,19 @@ def run_forward(model, device: str, batch: int, iters: int, precision: str, comp
         engine._run_batch(crops)
     sync(engine.device)
     return (time.perf_counter() - t) / iters, engine
+
+
+def run_cell_path(model, args, export: np.ndarray) -> tuple[float, int]:
+    """(g): the scene as the imagery cache holds it (compact integers) through the device path."""
+    parts = bands.encode_compact(export)
+    eng = InferenceEngine(model, InferenceSettings(device=args.device, batch_size=args.batch_size,
+                                                   compile=args.compile))
+    eng.predict_compact({k: v[:, :CROP, :CROP] for k, v in parts.items()})  # warm-up
+    n0 = eng.crops_run
+    t = time.perf_counter()
+    eng.predict_compact(parts)
+    sync(eng.device)
+    return time.perf_counter() - t, eng.crops_run - n0
 
 
 def gum2_random(export: np.ndarray) -> Gum2:
@@ -132,31 +152,42 @@ def gum2_random(export: np.ndarray) -> Gum2:
 
 def engine_rows(model, export, args, mixed, n_seed, ref_label, ref_name, fpc, prefix):
     """(b') the seed geometry under mixed precision (with the notebook's preprocessing, so that it
-    differs from (b) by rounding only) and (c) the defaults."""
+    differs from (b) by rounding only), (c) the defaults and (g) the cell path from compact integers."""
     out = []
+    bs = args.batch_size or default_batch_size(torch.device(args.device))
     notebook = model.as_notebook() if hasattr(model, "as_notebook") else model
     tb2, pred_b2, _ = run_engine(notebook, InferenceSettings(stride=256, window="none", merge="logits", device=args.device,
                                                           batch_size=args.batch_size, precision="auto"), export)
-    out.append((f"(b') {prefix}seed geometry, {mixed} autocast + channels_last, batch {args.batch_size}", tb2, n_seed,
+    out.append((f"(b') {prefix}seed geometry, {mixed} + channels_last + BN folded, batch {bs}", tb2, n_seed,
                 mixed, f"{int((pred_b2.label != ref_label).sum())} px differ from {ref_name}", fpc))
     tc, _, eng_c = run_engine(model, InferenceSettings(device=args.device, batch_size=args.batch_size,
                                                        compile=args.compile), export)
-    out.append((f"(c) {prefix}gum-ray defaults (stride {eng_c.settings.stride}, hann, {mixed}, batch {args.batch_size})",
+    out.append((f"(c) {prefix}gum-ray defaults (stride {eng_c.settings.stride}, hann, {mixed}, batch {bs})",
                 tc, eng_c.crops_run - 1, mixed, "-", fpc))
+    tg, n_g = run_cell_path(model, args, export)
+    out.append((f"(g) {prefix}cell path: compact ints -> device -> P(urban) (defaults)", tg, n_g, mixed, "-", fpc))
     return out
 
 
-def forward_row(model, args, fb, iters, mixed, fpc, prefix):
-    tf, _ = run_forward(model, args.device, fb, iters, "auto", args.compile)
-    return (f"(f) {prefix}batched forward, batch {fb}, {mixed}" + (" compiled" if args.compile else ""), tf, fb,
-            mixed, "crop-Mpx/s", fpc)
+def forward_rows(model, args, fb, iters, mixed, fpc, prefix):
+    """(f) per layout: NCHW, channels_last + BN folded, and compiled with --compile."""
+    out = []
+    for cl in (False, True):
+        tf, _ = run_forward(model, args.device, fb, iters, "auto", False, channels_last=cl)
+        out.append((f"(f) {prefix}forward, batch {fb}, {mixed}, " + ("channels_last + BN folded" if cl else "NCHW"),
+                    tf, fb, mixed, "crop-Mpx/s", fpc))
+    if args.compile:
+        tf, _ = run_forward(model, args.device, fb, iters, "auto", True)
+        out.append((f"(f) {prefix}forward, batch {fb}, {mixed}, channels_last + BN folded, compiled",
+                    tf, fb, mixed, "crop-Mpx/s", fpc))
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default=str(DEFAULT_IMAGE), help="a GUM export GeoTIFF")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=None, help="default per device (1 on a CPU, 32 on a GPU)")
     ap.add_argument("--forward-batch", type=int, default=None, help="batch for (f); default 8 on CPU, 64 on GPU")
     ap.add_argument("--forward-iters", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="torch.compile in (c) and (f)")
@@ -203,7 +234,7 @@ def main() -> int:
         rows.append(("(b) gum-ray seed settings (fp32 NCHW, batch 1)", best_b, n_seed, "fp32",
                      f"{mismatch} px differ from (a)", fpc))
         rows.extend(engine_rows(model, export, args, mixed, n_seed, ref, "(a)", fpc, ""))
-        rows.append(forward_row(model, args, fb, iters, mixed, fpc, ""))
+        rows.extend(forward_rows(model, args, fb, iters, mixed, fpc, ""))
         del model
 
     if args.family in ("gum2", "both"):
@@ -218,7 +249,7 @@ def main() -> int:
                      "fp32", "= notebook (tests/test_gum2.py)", fpc2))
         rows.extend(engine_rows(g2, export, args, mixed, n_seed, pred_n.label, "(b) GUM 2.0", fpc2,
                                 "GUM 2.0 "))
-        rows.append(forward_row(g2, args, fb, iters, mixed, fpc2, "GUM 2.0 "))
+        rows.extend(forward_rows(g2, args, fb, iters, mixed, fpc2, "GUM 2.0 "))
 
     peaks = {p: peak_flops(device, p) for p in {"fp32", mixed}}
     print(f"# bench_infer  {time.strftime('%Y-%m-%d')}  device: "
@@ -230,7 +261,8 @@ def main() -> int:
     for name, t, crops, prec, check, fpc in rows:
         mfu = crops * fpc / t / peaks[prec][0]
         if check == "crop-Mpx/s":  # the batched forward alone: crop pixels per second
-            print(f"{name:<72} {crops:>5} {t:>7.3f} {crops / t * CROP**2 / 1e6:>8.3f} {'':>6} {mfu:>6.1%}  {check}")
+            print(f"{name:<72} {crops:>5} {t:>7.3f} {crops / t * CROP**2 / 1e6:>8.3f} {'':>6} {mfu:>6.1%}  "
+                  f"{check}, {1e3 * t / crops:.2f} ms/crop")
             continue
         speed = f"{best_a / t:>6.2f}" if best_a else f"{'':>6}"
         print(f"{name:<72} {crops:>5} {t:>7.2f} {h * w / t / 1e6:>8.3f} {speed} {mfu:>6.1%}  {check}")

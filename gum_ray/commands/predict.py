@@ -24,14 +24,15 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
                    help="reproduce the seed notebook (GUM 2.0: the authors' mapping notebook): stride 256, "
                         "no window, logits averaged, fp32, batch 1, the notebook's preprocessing")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="crops per forward pass (default 8; 1 with --seed-settings, as the notebook)")
+                   help="crops per forward pass (default per device: 1 on a CPU, 32 on a GPU; "
+                        "1 with --seed-settings, as the notebook)")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto = bf16 where the device has it (fp16 on older GPUs), else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
     g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="memory layout: auto = channels_last with mixed precision, NCHW in fp32 "
-                        "(bit-exact with mmseg)")
+                   help="memory layout: auto = channels_last with BatchNorm folded into the convs "
+                        "(faster), except at --seed-settings (NCHW, class-exact with mmseg)")
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:

@@ -76,6 +76,7 @@ class StageRates:
     request_bytes: int = 0
     crops: int = 0
     predict_s: float = 0.0  # actor time, all of it (cache read, preprocessing, network, blending)
+    read_s: float = 0.0  # of which reading and decompressing the cached imagery (a worker thread)
     write_s: float = 0.0
 
     def add(self, res: dict[str, Any]) -> None:
@@ -88,12 +89,14 @@ class StageRates:
         self.request_bytes += int(f.get("request_bytes") or 0)
         self.crops += int(res.get("crops") or 0)
         self.predict_s += float(res.get("predict_s") or 0.0)
+        self.read_s += float(res.get("read_s") or 0.0)
         self.write_s += float(res.get("write_s") or 0.0)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["s_per_request"] = self.request_s / self.requests if self.requests else None
         d["crops_per_s"] = self.crops / self.predict_s if self.predict_s > 0 else None
+        d["cache_read_ms_per_crop"] = 1000 * self.read_s / self.crops if self.crops else None
         d["write_s_per_cell"] = self.write_s / self.cells if self.cells else None
         return d
 
@@ -107,7 +110,9 @@ class StageRates:
         elif self.fetched:
             parts.append(f"fetch {self.fetch_s / self.fetched:.2f} s per cell")
         if self.predict_s > 0:
-            parts.append(f"inference {self.crops / self.predict_s:.2f} crops/s per actor")
+            parts.append(f"inference {self.crops / self.predict_s:.2f} crops/s per actor "
+                         f"({1000 * self.predict_s / max(self.crops, 1):.1f} ms per crop; cache "
+                         f"read {1000 * self.read_s / max(self.crops, 1):.2f})")
         parts.append(f"write {self.write_s / self.cells:.2f} s per cell")
         return "  measured: " + ", ".join(parts) + " (gum plan --calibrate PRODUCT uses them)"
 

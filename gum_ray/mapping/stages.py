@@ -20,12 +20,14 @@ the runner records them against the cell. A source with a shared request cap get
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import time
 from typing import Any
 
 import numpy as np
 
-from gum_ray.imagery import Prediction
+from gum_ray.imagery import QUALITY_BITS, Prediction, input_quality
 from gum_ray.mapping.job import MapJob
 from gum_ray.network import check_compatible
 
@@ -99,6 +101,11 @@ def is_cluster_error(exc: BaseException) -> bool:
 class CellPredictor:
     """The model and the inference engine for one worker; predicts cached cells.
 
+    The device path (DESIGN decision 13): a cell's compact integers are read from the cache and
+    decompressed on a worker thread (the next cell's while this one runs), uploaded once, and
+    decoded, preprocessed, cut, blended and thresholded on the engine's device; only P(urban) as
+    float16 comes back. Crops of several cells share batches (:meth:`predict_cells`).
+
     The checkpoint may be a ``gs://`` object: it is fetched once per node into the local cache and
     checked against ``sha256`` (the driver's). A checkpoint that cannot be loaded does not kill the
     actor: :meth:`ready` raises the loading error, so the driver stops the run with its one line.
@@ -108,6 +115,7 @@ class CellPredictor:
                  sha256: str | None = None):
         self.job = job
         self.error: BaseException | None = None
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gum-cache-read")
         try:
             import torch
 
@@ -136,23 +144,52 @@ class CellPredictor:
 
     def predict(self, year: int, row: int, col: int) -> Prediction:
         """P(urban) of the cached imagery of (year, cell) on its UTM grid, float16, NaN = no data."""
+        return self.predict_cells(year, [(row, col)])[0]
+
+    def predict_cells(self, year: int, cells: list[tuple[int, int]]) -> list[Prediction]:
+        """:meth:`predict` for several cells (row, col) of one year, their crops batched together."""
         if self.error is not None:
             raise self.error
-        t0 = time.perf_counter()
-        cell = self.job.cell(row, col)
-        imagery = self.job.imagery_cache().get(year, cell)
-        check_compatible(self.model, imagery.with_products, what=f"the cached imagery of cell {cell.id}")
-        # crops on the UTM zone's stride lattice: neighbouring cells see the same crops where
-        # their halos overlap, so the product has no seams at cell borders
-        a = imagery.geobox.affine
-        origin = (int(round(-a.f / abs(a.e))), int(round(a.c / a.a)))
-        pred = self.engine.predict_imagery(imagery, origin=origin)
-        return Prediction(
-            pred.probability.astype(np.float16), None, imagery.geobox,
-            {"source_dates": imagery.provenance.get("dates"), "predict_s": time.perf_counter() - t0,
-             "crops": self.engine.crops_run, "model_family": self.model.family},
-            quality=pred.quality,
-        )
+        cache = self.job.imagery_cache()
+        todo = [self.job.cell(r, c) for r, c in cells]
+        reads = collections.deque([self._reader.submit(self._read, cache, year, todo[0])]) if todo else None
+        meta: dict[int, tuple] = {}
+
+        def scenes():
+            for i, cell in enumerate(todo):
+                t0 = time.perf_counter()
+                parts, geobox, provenance, read_s = reads.popleft().result()
+                if i + 1 < len(todo):  # decompress the next cell while this one runs
+                    reads.append(self._reader.submit(self._read, cache, year, todo[i + 1]))
+                check_compatible(self.model, "products" in parts, what=f"the cached imagery of cell {cell.id}")
+                # which inputs each pixel had, whatever the model maps (from the masks, on the host)
+                quality = input_quality({m: parts[f"{m}_mask"].all(axis=0) for m in QUALITY_BITS})
+                x, valid = self.engine.prepare_compact(parts)
+                del parts
+                # crops on the UTM zone's stride lattice: neighbouring cells see the same crops where
+                # their halos overlap, so the product has no seams at cell borders
+                a = geobox.affine
+                origin = (int(round(-a.f / abs(a.e))), int(round(a.c / a.a)))
+                meta[i] = (geobox, provenance, quality, t0, read_s, self.engine.crops_run)
+                yield i, x, valid, origin
+
+        out: list[Prediction] = [None] * len(todo)  # type: ignore[list-item]
+        for i, prob, _ in self.engine.predict_scenes(scenes()):
+            geobox, provenance, quality, t0, read_s, crops0 = meta.pop(i)
+            out[i] = Prediction(
+                prob.half().cpu().numpy(), None, geobox,
+                {"source_dates": provenance.get("dates"), "predict_s": time.perf_counter() - t0,
+                 "read_s": read_s, "crops": self.engine.crops_run - crops0,
+                 "model_family": self.model.family},
+                quality=quality,
+            )
+        return out
+
+    @staticmethod
+    def _read(cache, year: int, cell) -> tuple:
+        t = time.perf_counter()
+        parts, geobox, provenance = cache.get_compact(year, cell)
+        return parts, geobox, provenance, time.perf_counter() - t
 
 
 def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction,
@@ -198,4 +235,5 @@ def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction
     return {"committed": committed, "empty": result.empty, "urban_px": result.urban_px,
             "valid_px": result.valid_px, "write_s": time.perf_counter() - t0,
             "predict_s": float(prov.get("predict_s") or 0.0), "crops": int(prov.get("crops") or 0),
+            "read_s": float(prov.get("read_s") or 0.0),
             "fetch": dict(extra_times or {})}

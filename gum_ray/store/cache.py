@@ -152,6 +152,16 @@ class ImageryCache:
 
     def get(self, year: int, cell: Cell) -> Imagery:
         """The cached entry of (year, cell); :class:`InputError` if it is not cached (completely)."""
+        parts, geobox, provenance = self.get_compact(year, cell)
+        return Imagery.from_compact(parts, geobox, provenance)
+
+    def get_compact(self, year: int, cell: Cell) -> tuple[dict[str, np.ndarray], Any, dict[str, Any]]:
+        """The cached entry of (year, cell) as stored: its compact integer parts
+        (:data:`~gum_ray.imagery.COMPACT_PARTS`, decompressed, not decoded), GeoBox and provenance.
+
+        What a model actor uploads to its device (:meth:`gum_ray.inference.InferenceEngine.prepare_compact`).
+        :class:`InputError` if it is not cached (completely).
+        """
         if not self.has(year, cell):
             raise InputError(
                 f"imagery for year {year}, cell {cell.id} is not in the cache {self.root}; fetch it first"
@@ -168,7 +178,7 @@ class ImageryCache:
                 f"the cached imagery of year {year}, cell {cell.id} lacked {', '.join(missing)} "
                 f"(a deletion cut short); removed, it is fetched again on the next attempt"
             )
-        return Imagery.from_compact(parts, geobox_from_dict(attrs["geobox"]), attrs.get("provenance", {}))
+        return parts, geobox_from_dict(attrs["geobox"]), attrs.get("provenance", {})
 
     def attrs(self, year: int, cell: Cell) -> dict[str, Any]:
         """The attributes of the entry of (year, cell): band names, encoding, times, provenance."""

@@ -1,0 +1,191 @@
+"""The device path (DESIGN decision 13): compact integers in, the model's preprocessing as tensor ops,
+crops cut and blended on the engine's device, uint8 out. Same classes as the numpy path."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gum_ray import bands
+from gum_ray.inference import InferenceEngine, InferenceSettings
+from gum_ray.model import Gum1, ModelSpec, build_model, randomize
+
+TINY = ModelSpec(10, 8, 4)
+TINY13 = ModelSpec(13, 8, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Gum1.from_module(randomize(build_model(TINY), 5))
+
+
+def fake_export(h, w, n=11, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, h, w), np.float32)
+    x[0:4] = rng.uniform(-0.05, 1.2, (4, h, w))
+    x[4:8] = rng.uniform(-35, 3, (4, h, w))
+    x[8] = rng.uniform(-10, 3000, (h, w))
+    x[9] = rng.uniform(0, 95, (h, w))
+    x[10] = rng.uniform(0, 360, (h, w))
+    if n == 14:
+        x[11:14] = rng.integers(0, 2, (3, h, w))
+    x[0:4, :40, :50] = np.nan  # no Sentinel-2: no data
+    x[1, 60, 70] = np.nan
+    x[6:8, -30:] = np.nan  # no descending pass
+    x[9, 5, 5] = np.inf
+    return x
+
+
+@pytest.mark.parametrize("n", [11, 14])
+def test_torch_preprocess_and_decode_equal_numpy_bit_for_bit(n):
+    export = fake_export(70, 90, n)
+    ref = bands.preprocess(export)
+    got = bands.preprocess(torch.from_numpy(export))
+    assert isinstance(got, torch.Tensor)
+    np.testing.assert_array_equal(got.numpy(), ref)
+    parts = bands.encode_compact(export)
+    dec_ref = bands.decode_compact(parts)
+    dec = bands.decode_compact({k: torch.from_numpy(v) for k, v in parts.items()})
+    np.testing.assert_array_equal(dec.numpy(), dec_ref)  # NaNs in the same places too
+    rows = bands.decode_compact({k: torch.from_numpy(v) for k, v in parts.items()}, slice(10, 33))
+    np.testing.assert_array_equal(rows.numpy(), dec_ref[:, 10:33])
+    np.testing.assert_array_equal(bands.validity_mask(dec).numpy(), bands.validity_mask(dec_ref))
+
+
+def test_compact_input_equals_float_export_input(tiny):
+    export = bands.decode_compact(bands.encode_compact(fake_export(300, 280)))
+    engine = InferenceEngine(tiny, InferenceSettings.seed(device="cpu", batch_size=3))
+    x, valid = engine.prepare_compact(bands.encode_compact(export))
+    np.testing.assert_array_equal(x.numpy(), tiny.preprocess(export))
+    np.testing.assert_array_equal(valid.numpy(), tiny.validity(export))
+    got = engine.predict_compact(bands.encode_compact(export), origin=(3, 7))
+    ref = engine.predict(tiny.preprocess(export), origin=(3, 7))
+    v = tiny.validity(export)
+    np.testing.assert_array_equal(got.label[v], ref.label[v])
+    np.testing.assert_array_equal(got.probability[v], ref.probability[v])
+    assert np.isnan(got.probability[~v]).all()
+
+
+def test_device_path_classes_equal_the_numpy_path_at_seed_settings(tiny):
+    """The old path: numpy preprocessing, crops stacked on the host, mmseg's logits average."""
+    export = fake_export(300, 300, seed=3)
+    x = bands.preprocess(export)
+    engine = InferenceEngine(tiny, InferenceSettings.seed(device="cpu"))
+    got = engine.predict(torch.from_numpy(x))
+    acc = np.zeros((2, 300, 300), np.float32)
+    cnt = np.zeros((300, 300), np.float32)
+    with torch.inference_mode():
+        for y in (0, 44):
+            for xx in (0, 44):
+                logits = tiny.forward(torch.from_numpy(x[None, :, y:y + 256, xx:xx + 256].copy()))[0].numpy()
+                acc[:, y:y + 256, xx:xx + 256] += logits
+                cnt[y:y + 256, xx:xx + 256] += 1
+    mean = acc / cnt
+    np.testing.assert_array_equal(got.label, (mean[1] > mean[0]).astype(np.uint8))
+
+
+def test_buffers_reused_across_calls_give_identical_results(tiny):
+    x = bands.preprocess(fake_export(530, 300, seed=4))
+    engine = InferenceEngine(tiny, InferenceSettings(device="cpu", precision="fp32", batch_size=3, stride=100))
+    a = engine.predict(x)
+    b = engine.predict(x)
+    rows1 = list(engine.predict_rows(lambda s, e: x[:, s:e], 530, 300))
+    rows2 = list(engine.predict_rows(lambda s, e: torch.from_numpy(x[:, s:e]), 530, 300))
+    np.testing.assert_array_equal(a.probability, b.probability)
+    for (y1, p1, l1), (y2, p2, l2) in zip(rows1, rows2):
+        assert y1 == y2
+        np.testing.assert_array_equal(p1, p2)
+        np.testing.assert_array_equal(p1, a.probability[y1:y1 + p1.shape[0]])
+        np.testing.assert_array_equal(l1, a.label[y1:y1 + p1.shape[0]])
+
+
+def test_scenes_batched_together_equal_scenes_alone(tiny):
+    scenes = [bands.preprocess(fake_export(h, w, seed=s)) for s, (h, w) in enumerate([(300, 260), (120, 90), (256, 700)])]
+    engine = InferenceEngine(tiny, InferenceSettings.seed(device="cpu", batch_size=4))
+    together = {k: (p.numpy(), lab.numpy()) for k, p, lab in engine.predict_scenes(
+        (i, x, None, None) for i, x in enumerate(scenes))}
+    for i, x in enumerate(scenes):
+        alone = InferenceEngine(tiny, InferenceSettings.seed(device="cpu", batch_size=1)).predict(x)
+        np.testing.assert_array_equal(together[i][1], alone.label)
+        np.testing.assert_allclose(together[i][0], alone.probability, atol=1e-4)  # batch 4 vs 1: rounding
+
+
+def test_rows_encoded_on_the_device_equal_the_host_encoding(tiny):
+    from gum_ray.imagery import probability_to_uint8
+
+    export = fake_export(400, 300, seed=6)
+    x, valid = bands.preprocess(export), bands.validity_mask(export)
+    engine = InferenceEngine(tiny, InferenceSettings(device="cpu", precision="fp32", batch_size=2))
+    plain = engine.predict(x)
+    p8 = np.empty((400, 300), np.uint8)
+    c8 = np.empty((400, 300), np.uint8)
+    for y0, a, b in engine.predict_rows(lambda s, e: (x[:, s:e], valid[s:e]), 400, 300, encode=True):
+        p8[y0:y0 + a.shape[0]], c8[y0:y0 + a.shape[0]] = a, b
+    np.testing.assert_array_equal(p8, probability_to_uint8(plain.probability, valid))
+    np.testing.assert_array_equal(c8, np.where(valid, plain.label, 255))
+
+
+def test_folded_batchnorm_and_channels_last_stay_close_and_leave_the_model_alone(tiny):
+    x = bands.preprocess(fake_export(256, 256, seed=7))
+    before = {k: v.clone() for k, v in tiny.module.state_dict().items()}
+    exact = InferenceEngine(tiny, InferenceSettings.seed(device="cpu")).predict(x)
+    fast = InferenceEngine(tiny, InferenceSettings(stride=256, window="none", merge="logits", precision="fp32",
+                                                   device="cpu"))
+    assert fast.folded > 0 and fast.memory_format == torch.channels_last
+    np.testing.assert_allclose(fast.predict(x).probability, exact.probability, atol=1e-4)
+    after = tiny.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # folding worked on a copy
+    seed = InferenceEngine(tiny, InferenceSettings.seed(device="cpu"))
+    assert seed.folded == 0 and seed.memory_format == torch.contiguous_format
+
+
+def test_13_channel_model_through_compact_parts():
+    model = Gum1.from_module(randomize(build_model(TINY13), 2))
+    export = fake_export(260, 270, 14)
+    engine = InferenceEngine(model, InferenceSettings.seed(device="cpu"))
+    x, _ = engine.prepare_compact(bands.encode_compact(export))
+    np.testing.assert_array_equal(x.numpy(), model.preprocess(bands.decode_compact(bands.encode_compact(export))))
+
+
+def test_cpu_supports_bf16_respects_an_avx2_cap():
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    code = ("from gum_ray.inference import cpu_supports_bf16, resolve_precision; import torch; "
+            "print(cpu_supports_bf16(), resolve_precision('auto', torch.device('cpu')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "None"]
+
+
+@pytest.mark.parametrize("notebook", [False, True])
+def test_gum2_preprocessing_on_tensors_and_through_compact_parts(notebook):
+    """GUM 2.0 on the device path: its preprocessing (the training's mask value where Sentinel-1 is
+    missing, or the notebook's 0 dB) is the same on tensors as on numpy, to the bit, and a cell given
+    as compact integers maps the same pixels, clouded ones (Sentinel-1 only) included."""
+    from gum_ray.gum2 import Gum2, Gum2Spec
+
+    model = Gum2.random(Gum2Spec(4, 1), seed=3)
+    if notebook:
+        model = model.as_notebook()
+    export = fake_export(280, 300, 14, seed=4)
+    export[4:8, 100:140, 200:260] = np.nan  # no Sentinel-1 at all here
+    export = bands.decode_compact(bands.encode_compact(export))
+    ref = model.preprocess(export)
+    got = model.preprocess(torch.from_numpy(export))
+    assert isinstance(got, torch.Tensor)
+    np.testing.assert_array_equal(got.numpy(), ref)
+    np.testing.assert_array_equal(model.validity(torch.from_numpy(export)).numpy(), model.validity(export))
+    v = model.validity(export)
+    assert v[:40, :50].all()  # no Sentinel-2 but Sentinel-1: GUM 2.0 maps it
+
+    # default settings keep the model's own preprocessing (the seed settings would switch to the
+    # notebook's); fp32 so the classes compare exactly
+    engine = InferenceEngine(model, InferenceSettings(device="cpu", precision="fp32"))
+    x, valid = engine.prepare_compact(bands.encode_compact(export))
+    np.testing.assert_array_equal(x.numpy(), ref)
+    np.testing.assert_array_equal(valid.numpy(), v)
+    got_p = engine.predict_compact(bands.encode_compact(export), origin=(5, 9))
+    want = engine.predict(ref, origin=(5, 9))
+    np.testing.assert_array_equal(got_p.label[v], want.label[v])
+    np.testing.assert_array_equal(got_p.probability[v], want.probability[v])

@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Host cost of the cell path with a near-free network: ns per pixel and ms per crop of each stage.
+
+A cached cell of the default grid (0.25 degree, about 2,800 px of UTM 10 m plus a 128 px halo a
+side), filled with the real Aberystwyth scene tiled (so the imagery compresses like imagery), runs
+through what a model actor does (``CellPredictor``): read the cache objects, decompress (zstd, Zarr),
+upload, decode the compact integers, the model's preprocessing, cut crops, a near-free network (a
+1 x 1 convolution, 10 -> 2 channels), blend, threshold and encode (P(urban) float16 to the host).
+One thread (``torch.set_num_threads(1)``) unless ``--threads``.
+
+It also reports the work that stays on the CPU when the device is a GPU: decompress, upload (a copy
+of the compact bytes, as into pinned memory) and bookkeeping (the engine's Python and op dispatch
+per crop, measured on torch's ``meta`` device, where ops do no arithmetic), and the share of time
+an H100 would be busy (GUM 1 forward at bf16 peak: 0.10 ms per crop).
+
+    .venv/bin/python tools/bench_host.py [--stride 192] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gum_ray import bands  # noqa: E402
+from gum_ray.export_io import open_export  # noqa: E402
+from gum_ray.grid import DEFAULT_GRID, DEFAULT_HALO_PX  # noqa: E402
+from gum_ray.inference import InferenceEngine, InferenceSettings  # noqa: E402
+from gum_ray.store import fs  # noqa: E402
+from gum_ray.store.cache import ImageryCache  # noqa: E402
+
+DEFAULT_IMAGE = REPO.parent / "shared" / "realdata" / "aberystwyth_2021-05-27_gum11.tif"
+H100_MS_PER_CROP = 0.10  # 99.3 GFLOP per crop at ~989 TFLOP/s dense bf16
+
+
+class NearFree:
+    """A near-free :class:`~gum_ray.network.UrbanModel`: GUM 1's preprocessing, a 1 x 1 conv."""
+
+    family = "near-free"
+    meta: dict = {}
+
+    def __init__(self) -> None:
+        self._module = torch.nn.Conv2d(10, 2, 1)
+
+    in_channels = 10
+    required_bands = bands.EXPORT_BANDS
+    module = property(lambda self: self._module)
+    encoder = property(lambda self: self._module)
+
+    def preprocess(self, export, out=None):
+        return bands.preprocess(export, with_products=False, out=out)
+
+    def validity(self, export):
+        return bands.validity_mask(export)
+
+    def forward(self, x):
+        return self._module(x)
+
+    def provenance(self):
+        return {"family": self.family}
+
+    def save(self, path, meta=None):
+        raise NotImplementedError
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--image", default=str(DEFAULT_IMAGE))
+    ap.add_argument("--stride", type=int, default=192)
+    ap.add_argument("--repeats", type=int, default=3, help="best of N")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cell = DEFAULT_GRID.cell_at(-4.08, 52.41)
+    gbox = cell.utm_geobox(DEFAULT_HALO_PX)
+    h, w = gbox.shape.y, gbox.shape.x
+    with open_export(args.image) as src:
+        scene = src.read_rows(0, src.height)
+    reps = (-(-h // scene.shape[1]), -(-w // scene.shape[2]))
+    export = np.tile(scene, (1, *reps))[:, :h, :w].copy()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_host_"))
+    cache = ImageryCache(str(tmp / "cache"))
+    cache.put_compact(2021, cell, bands.encode_compact(export), gbox, {})
+    del export, scene
+    path = cache.path(2021, cell)
+    files = [fs.join(path, f) for f in fs.find(path)]
+
+    model = NearFree()
+    settings = InferenceSettings(stride=args.stride, device="cpu", precision="fp32", batch_size=8)
+    best: dict[str, float] = {}
+    crops = 0
+    for _ in range(args.repeats):
+        eng = InferenceEngine(model, settings)
+        t = {}
+        t0 = time.perf_counter()
+        nbytes = sum(len(fs.read_bytes(f)) for f in files)
+        t["read"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        parts, _, _ = cache.get_compact(2021, cell)
+        t["decompress"] = time.perf_counter() - t0 - t["read"]
+        t0 = time.perf_counter()
+        staged = {k: np.empty_like(v) for k, v in parts.items()}
+        for k, v in parts.items():
+            np.copyto(staged[k], v)  # the host side of an upload: a copy into (pinned) staging memory
+        t["upload (copy)"] = time.perf_counter() - t0
+        dev = {k: torch.from_numpy(v) for k, v in staged.items()}
+        t0 = time.perf_counter()
+        for a in range(0, h, 64):
+            bands.decode_compact(dev, slice(a, min(a + 64, h)))
+        t["decode"] = time.perf_counter() - t0
+        x, valid = eng.prepare_compact(staged)
+        t["preprocess"] = eng.stage_s["decode+preprocess"] - t["decode"]
+        eng.stage_s.clear()
+        (_, prob, _), = eng.predict_scenes([(0, x, valid, (0, 0))])
+        t0 = time.perf_counter()
+        prob.half().cpu().numpy()
+        t["encode"] = time.perf_counter() - t0 + eng.stage_s["finish"]
+        t["crop"] = eng.stage_s["crop"]
+        t["network (near-free)"] = eng.stage_s["forward"]
+        t["blend"] = eng.stage_s["blend"]
+        t["bookkeeping"] = eng.stage_s["scene"]
+        crops = eng.crops_run
+        for k, v in t.items():
+            best[k] = min(best.get(k, float("inf")), v)
+
+    # bookkeeping alone: the engine on the meta device (shapes only, no arithmetic)
+    meta_eng = InferenceEngine(model, InferenceSettings(stride=args.stride, device="meta", precision="fp32",
+                                                        batch_size=32))
+    xm = torch.empty((10, h, w), device="meta")
+    t0 = time.perf_counter()
+    list(meta_eng.predict_scenes([(0, xm, None, (0, 0))]))
+    book = (time.perf_counter() - t0) / max(meta_eng.crops_run, 1)
+
+    px = h * w
+    print(f"# bench_host  {time.strftime('%Y-%m-%d %H:%M')}  cell {cell.id}: {w} x {h} px (0.25 deg + "
+          f"{DEFAULT_HALO_PX} px halo), {crops} crops at stride {args.stride}, {nbytes / 1e6:.1f} MB in the cache, "
+          f"{torch.get_num_threads()} thread(s)")
+    print(f"{'stage':<22} {'ms/cell':>9} {'ms/crop':>8} {'ns/px':>7}")
+    total = 0.0
+    for k, v in best.items():
+        if k == "upload (copy)":
+            continue
+        total += v
+        print(f"{k:<22} {v * 1e3:>9.1f} {v * 1e3 / crops:>8.3f} {v * 1e9 / px:>7.1f}")
+    print(f"{'whole path (CPU device)':<22} {total * 1e3:>9.1f} {total * 1e3 / crops:>8.3f} {total * 1e9 / px:>7.1f}")
+    gpu_host = (best["decompress"] + best["read"] + best["upload (copy)"]) / crops + book
+    print(f"# CPU work per crop when the device is a GPU: read + decompress "
+          f"{(best['read'] + best['decompress']) * 1e3 / crops:.3f} ms, upload copy {best['upload (copy)'] * 1e3 / crops:.3f} ms, "
+          f"bookkeeping {book * 1e3:.3f} ms (meta device, batch 32) = {gpu_host * 1e3:.3f} ms per crop per thread")
+    print(f"# an H100 (GUM 1 at {H100_MS_PER_CROP} ms/crop) busy: {min(1.0, H100_MS_PER_CROP / (gpu_host * 1e3)):.0%} "
+          f"fed by one host thread; {min(1.0, 4 * H100_MS_PER_CROP / (gpu_host * 1e3)):.0%} by four; the whole path on "
+          f"this CPU would keep it {min(1.0, H100_MS_PER_CROP / (total * 1e3 / crops)):.1%} busy")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
