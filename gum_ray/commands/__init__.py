@@ -29,6 +29,7 @@ FLAGS: dict[str, str] = {
     "max_aoi_cells": "--max-aoi-cells",
     "fetch_concurrency": "--fetch-concurrency",
     "write_concurrency": "--write-concurrency",
+    "cells_per_call": "--cells-per-call",
     "min_valid": "--min-valid",
     "init": "--init",
     "out": "--out",

@@ -38,6 +38,9 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs (torch threads) per model actor (default 1; GPU actors need few)")
     p.add_argument("--fetch-concurrency", type=int, default=2, help="cells fetched at once")
     p.add_argument("--write-concurrency", type=int, default=2, help="cells written at once")
+    p.add_argument("--cells-per-call", type=int, default=None,
+                   help="cells a model actor predicts per call, their crops batched together (default: "
+                        "4 on GPU actors, 1 on CPU actors)")
     p.add_argument("--lease-ttl", type=float, default=60.0,
                    help="seconds after which a dead run's lease on the product expires")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
@@ -101,6 +104,7 @@ def job_from_args(args: argparse.Namespace):
         threads_per_actor=args.actor_threads,
         fetch_concurrency=args.fetch_concurrency,
         write_concurrency=args.write_concurrency,
+        cells_per_call=args.cells_per_call,
         lease_ttl_s=args.lease_ttl,
         preview=not args.no_preview,
         max_cells=args.max_cells,

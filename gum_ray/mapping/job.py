@@ -36,6 +36,9 @@ class MapJob:
     infer_actors: int | None = None  # None: one per GPU, else one CPU actor
     fetch_concurrency: int = 2
     write_concurrency: int = 2
+    #: cells per model-actor call, their crops batched together (the actor reads the next cell while
+    #: the device runs); None: 4 on GPU actors (a GPU's batch stays full), 1 on CPU actors
+    cells_per_call: int | None = None
     threads_per_actor: int | None = None
     lease_ttl_s: float = 60.0
     preview: bool = True
@@ -55,6 +58,8 @@ class MapJob:
                              param="max_aoi_cells")
         if self.max_cells is not None and self.max_cells < 1:
             raise InputError(f"max_cells {self.max_cells}: must be at least 1", param="max_cells")
+        if self.cells_per_call is not None and self.cells_per_call < 1:
+            raise InputError(f"cells_per_call {self.cells_per_call}: must be at least 1", param="cells_per_call")
         for name in ("fetch_concurrency", "write_concurrency"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1", param=name)

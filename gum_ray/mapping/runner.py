@@ -127,6 +127,7 @@ class Summary:
     retried: int = 0
     cluster_retries: int = 0  # tries lost to the cluster (node or actor gone), not counted against cells
     actors_replaced: int = 0
+    predict_calls: int = 0  # model-actor calls (each predicts up to cells_per_call cells)
     remaining: int = 0
     overview_shards: int = 0  # overview shards built (stale ones, whichever run committed their cells)
     km2: float = 0.0
@@ -271,6 +272,8 @@ def _remote_stages(job: MapJob, n_gpus: float):
             predicted = ray.get(boxed[0])
         except Exception as exc:  # noqa: BLE001 - re-raised as the predict stage's failure
             raise _stage_failed("predict", exc) from None
+        if isinstance(predicted, StageFailed):  # this cell failed in its actor's call (its mates did not)
+            raise predicted
         return write_cell(job, year, row, col, predicted, sha, times, run_id, lease_generation)
 
     # no automatic restarts: a dead actor leaves the rotation and the driver starts a replacement
@@ -513,11 +516,11 @@ class _ModelActors:
             raise GumError(f"the model cannot be loaded on the cluster: {str(err).splitlines()[0][:400]}") from None
         self.ready[i] = True
 
-    def pick(self) -> int | None:
-        """The least loaded ready actor with room (two cells queued at most), or None."""
+    def pick(self, room: int = 2) -> int | None:
+        """The least loaded ready actor with room (``room`` cells queued at most), or None."""
         best = None
         for i in range(len(self.actors)):
-            if self.ready[i] and self.load[i] < 2 and (best is None or self.load[i] < self.load[best]):
+            if self.ready[i] and self.load[i] < room and (best is None or self.load[i] < self.load[best]):
                 best = i
         return best
 
@@ -541,6 +544,7 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
 
     n_gpus = float(ray.cluster_resources().get("GPU", 0))
     n_actors = job.infer_actors or (int(n_gpus) if n_gpus >= 1 else 1)
+    per_call = job.cells_per_call or (4 if n_gpus >= 1 else 1)
     gum_fetch, gum_write, GumInferActor = _remote_stages(job, n_gpus)
     job_ref = ray.put(job)
     # torch threads = the CPUs the actor holds: more would oversubscribe the cores that the fetch
@@ -604,11 +608,20 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
         while todo and len(fetching) < job.fetch_concurrency and len(ready) < READY_AHEAD:
             year, cell = todo.popleft()
             fetching[gum_fetch.remote(job_ref, year, cell.row, cell.col)] = (year, cell, time.time())
-        while ready and (i := actors.pick()) is not None:
-            year, cell, info = ready.popleft()
-            ref = actors.actors[i].predict.remote(year, cell.row, cell.col)
-            inferring[ref] = (year, cell, i, actors.gen[i], info)
-            actors.load[i] += 1
+        # a call predicts up to per_call cells of one year, their crops batched together; a busy
+        # actor waits for a full call while more cells are coming, an idle one takes what is ready
+        while ready and (i := actors.pick(2 * per_call)) is not None:
+            if len(ready) < per_call and actors.load[i] > 0 and (todo or fetching):
+                break
+            group = [ready.popleft()]
+            while len(group) < per_call and ready and ready[0][0] == group[0][0]:
+                group.append(ready.popleft())
+            refs = actors.actors[i].predict_group.options(num_returns=len(group)).remote(
+                group[0][0], [(cell.row, cell.col) for _, cell, _ in group])
+            summary.predict_calls += 1
+            for ref, (year, cell, info) in zip(refs if len(group) > 1 else [refs], group):
+                inferring[ref] = (year, cell, i, actors.gen[i], info)
+                actors.load[i] += 1
         waitable = list(fetching) + list(inferring) + list(writing) + list(actors.starting)
         done_refs, _ = ray.wait(waitable, num_returns=1, timeout=1.0)
         for ref in done_refs:

@@ -146,25 +146,40 @@ class CellPredictor:
         """P(urban) of the cached imagery of (year, cell) on its UTM grid, float16, NaN = no data."""
         return self.predict_cells(year, [(row, col)])[0]
 
-    def predict_cells(self, year: int, cells: list[tuple[int, int]]) -> list[Prediction]:
-        """:meth:`predict` for several cells (row, col) of one year, their crops batched together."""
+    def predict_cells(self, year: int, cells: list[tuple[int, int]], *, errors_as_values: bool = False
+                      ) -> list[Prediction | StageFailed]:
+        """:meth:`predict` for several cells (row, col) of one year, their crops batched together.
+
+        With ``errors_as_values``, a cell whose imagery cannot be read or used gets a
+        :class:`StageFailed` in its place and the other cells go on (a model actor's call for
+        several cells: one bad cell does not fail its neighbours); else its error is raised.
+        """
         if self.error is not None:
             raise self.error
         cache = self.job.imagery_cache()
         todo = [self.job.cell(r, c) for r, c in cells]
         reads = collections.deque([self._reader.submit(self._read, cache, year, todo[0])]) if todo else None
         meta: dict[int, tuple] = {}
+        out: list[Prediction | StageFailed] = [None] * len(todo)  # type: ignore[list-item]
 
         def scenes():
             for i, cell in enumerate(todo):
                 t0 = time.perf_counter()
-                parts, geobox, provenance, read_s = reads.popleft().result()
+                read = reads.popleft()
                 if i + 1 < len(todo):  # decompress the next cell while this one runs
                     reads.append(self._reader.submit(self._read, cache, year, todo[i + 1]))
-                check_compatible(self.model, "products" in parts, what=f"the cached imagery of cell {cell.id}")
-                # which inputs each pixel had, whatever the model maps (from the masks, on the host)
-                quality = input_quality({m: parts[f"{m}_mask"].all(axis=0) for m in QUALITY_BITS})
-                x, valid = self.engine.prepare_compact(parts)
+                try:
+                    parts, geobox, provenance, read_s = read.result()
+                    check_compatible(self.model, "products" in parts, what=f"the cached imagery of cell {cell.id}")
+                    # which inputs each pixel had, whatever the model maps (from the masks, on the host)
+                    quality = input_quality({m: parts[f"{m}_mask"].all(axis=0) for m in QUALITY_BITS})
+                    x, valid = self.engine.prepare_compact(parts)
+                except Exception as exc:  # noqa: BLE001 - this cell's failure, reported as its value
+                    if not errors_as_values:
+                        raise
+                    out[i] = StageFailed("predict", type(exc).__name__, str(exc).splitlines()[0][:500]
+                                         if str(exc) else "", is_cluster_error(exc))
+                    continue
                 del parts
                 # crops on the UTM zone's stride lattice: neighbouring cells see the same crops where
                 # their halos overlap, so the product has no seams at cell borders
@@ -173,7 +188,6 @@ class CellPredictor:
                 meta[i] = (geobox, provenance, quality, t0, read_s, self.engine.crops_run)
                 yield i, x, valid, origin
 
-        out: list[Prediction] = [None] * len(todo)  # type: ignore[list-item]
         for i, prob, _ in self.engine.predict_scenes(scenes()):
             geobox, provenance, quality, t0, read_s, crops0 = meta.pop(i)
             out[i] = Prediction(
@@ -184,6 +198,12 @@ class CellPredictor:
                 quality=quality,
             )
         return out
+
+    def predict_group(self, year: int, cells: list[tuple[int, int]]) -> Any:
+        """The model actor's call: :meth:`predict_cells` with errors as values, one result per cell
+        (a tuple for several cells, so that Ray hands each to its own write task)."""
+        res = self.predict_cells(year, cells, errors_as_values=True)
+        return res[0] if len(res) == 1 else tuple(res)
 
     @staticmethod
     def _read(cache, year: int, cell) -> tuple:
