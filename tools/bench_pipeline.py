@@ -93,11 +93,15 @@ def staged(bbox, data, ckpt, emu_url, fetch_conc: int, write_conc: int) -> dict[
     ray.get(preds)
     t_infer = time.time() - t
     t = time.time()
-    bounded(lambda cp: write.remote(jref, 2020, cp[0].row, cp[0].col, cp[1], sha, {}), zip(cells, preds), write_conc)
+    bounded(lambda cp: write.remote(jref, 2020, cp[0].row, cp[0].col, [cp[1]], sha, {}, None, None), zip(cells, preds), write_conc)
     t_write = time.time() - t
     del limiter
     ray.shutdown()
     return {"fetch": t_fetch, "infer": t_infer, "write": t_write}
+
+
+def len_cells(args) -> int:
+    return args.cells
 
 
 def bbox_for(n_cells: int, lon0=8.5, lat0=47.0) -> tuple[float, float, float, float]:
@@ -137,6 +141,12 @@ def main() -> int:
     print(f"{'slowest stage':<28} {slowest:6.1f} s ({max(st, key=st.get)})")
     print(f"{'streamed (gum map)':<28} {s['stream_s']:6.1f} s  = {s['stream_s'] / slowest:.2f} x slowest, "
           f"{s['stream_s'] / total:.2f} x sum   (whole command incl. Ray start: {s['wall_s']:.1f} s)")
+    r = s.get("rates") or {}
+    if r.get("cells"):
+        n = r["cells"]
+        print(f"{'  its stages, per cell':<28} fetch {r['fetch_s'] / max(r['fetched'], 1):.2f} s, "
+              f"inference {r['predict_s'] / n:.2f} s, write {r['write_s'] / n:.2f} s "
+              f"(staged: fetch {st['fetch'] * 2 / len_cells(args):.2f} s at concurrency 2)")
 
     if args.skip_memory:
         return 0

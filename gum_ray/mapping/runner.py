@@ -8,7 +8,7 @@ Ray's (remote tasks, actors, ``ray.wait``); the driver only keeps the queues bou
 
 Resume is the manifest: committed cells are skipped; a failed cell is retried up to
 ``max_attempts`` times in this run (each failure recorded with its error and stage), then set aside
-while the run goes on. The model actors are loaded and warmed up before the first fetch; a lost
+while the run goes on. The model actors load and warm up while the first cells are fetched; a lost
 actor is replaced, and a try lost to the cluster (actor, node or object gone) is not counted against
 the cell. On a cluster of more than one node every path must be ``gs://`` (docs/cluster.md).
 One run at a time changes a product: a fenced lease (:mod:`.lease`) taken before the product is
@@ -260,7 +260,9 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def _remote_stages(job: MapJob, n_gpus: float):
     import ray
 
-    @ray.remote(num_cpus=0.5, max_retries=0)
+    # a fetch mostly waits on the source (Earth Engine requests): a quarter CPU, so that on a small
+    # node the fetches and the model actor don't hold every CPU and keep the writes waiting
+    @ray.remote(num_cpus=0.25, max_retries=0)
     def gum_fetch(job: MapJob, year: int, row: int, col: int) -> dict[str, Any]:
         return fetch_cell(job, year, row, col)
 
@@ -474,6 +476,7 @@ class _ModelActors:
         self.ready = [False] * n
         self.starting: dict[Any, int] = {}  # ready() ref -> slot
         self.replaced = 0
+        self.deadline = time.time() + ACTOR_START_TIMEOUT_S
         for i in range(n):
             self._start(i)
 
@@ -527,16 +530,19 @@ class _ModelActors:
     def wait_all_ready(self, lease: RunLease) -> None:
         import ray
 
-        deadline = time.time() + ACTOR_START_TIMEOUT_S
         while self.starting:
             done, _ = ray.wait(list(self.starting), num_returns=1, timeout=1.0)
             for ref in done:
                 self.started(ref)
             lease.beat()
-            if time.time() > deadline:
-                raise GumError(
-                    f"the model actors did not start within {ACTOR_START_TIMEOUT_S:.0f} s: the cluster "
-                    "has no free CPU/GPU for them (see `ray status`); add nodes or lower --infer-actors")
+            self.check_start_deadline()
+
+    def check_start_deadline(self) -> None:
+        """A :class:`GumError` once no actor has become ready within ``ACTOR_START_TIMEOUT_S``."""
+        if not any(self.ready) and time.time() > self.deadline:
+            raise GumError(
+                f"the model actors did not start within {ACTOR_START_TIMEOUT_S:.0f} s: the cluster "
+                "has no free CPU/GPU for them (see `ray status`); add nodes or lower --infer-actors")
 
 
 def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> None:
@@ -551,12 +557,15 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
     # and write tasks run on (OpenMP spin-waits make that far slower than it looks)
     threads = job.threads_per_actor or 1
     actors = _ModelActors(GumInferActor, n_actors, threads, job, checkpoint, sha)
-    # loaded and warmed up before the first fetch: a checkpoint that cannot load stops the run
-    # here, before any imagery is fetched (no Earth Engine quota spent)
-    actors.wait_all_ready(lease)
+    # the actors load and warm up while the first cells are fetched (they are given cells once
+    # ready); a checkpoint that cannot load stops the run with its one line, and what was fetched
+    # meanwhile stays in the imagery cache for the next run (no Earth Engine quota lost)
     fetching: dict[Any, tuple[int, Cell, float]] = {}
     ready: collections.deque[tuple[int, Cell, dict]] = collections.deque()
     inferring: dict[Any, tuple[int, Cell, int, int, dict]] = {}
+    predicted: collections.deque[tuple[int, Cell, int, int, dict, Any]] = collections.deque()
+    write_ahead = 2 * per_call * n_actors
+    t_stream = time.time()
     writing: dict[Any, tuple[int, Cell, int, int]] = {}
     attempts: collections.Counter = collections.Counter()  # this run's failures per (year, cell)
     cluster_fails: collections.Counter = collections.Counter()
@@ -601,8 +610,15 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
         summary.written_cells.add((cell.row, cell.col))
         summary.km2 += cell_km2(cell)
 
-    while todo or fetching or ready or inferring or writing:
-        # feed each stage while its queue has room
+    while todo or fetching or ready or inferring or predicted or writing:
+        # feed each stage while its queue has room; the driver never blocks on one stage (a full
+        # write queue must not stop fetches from being submitted)
+        while predicted and len(writing) < job.write_concurrency:
+            year, cell, i, gen, info, ref = predicted.popleft()
+            times = {"fetch_s": round(info.get("fetch_s", 0), 3), "fetched": info.get("fetched"),
+                     **{k: info[k] for k in ("requests", "request_s", "request_bytes") if k in info}}
+            writing[gum_write.remote(job_ref, year, cell.row, cell.col, [ref], sha, times,
+                                     lease.run_id, lease.generation)] = (year, cell, i, gen)
         # fetched cells wait in the cache; only their small records queue here, so fetching may
         # run ahead of inference (bounded: READY_AHEAD cells)
         while todo and len(fetching) < job.fetch_concurrency and len(ready) < READY_AHEAD:
@@ -610,7 +626,8 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
             fetching[gum_fetch.remote(job_ref, year, cell.row, cell.col)] = (year, cell, time.time())
         # a call predicts up to per_call cells of one year, their crops batched together; a busy
         # actor waits for a full call while more cells are coming, an idle one takes what is ready
-        while ready and (i := actors.pick(2 * per_call)) is not None:
+        # (bounded: predictions waiting for a write slot hold memory in the object store)
+        while ready and len(predicted) < write_ahead and (i := actors.pick(2 * per_call)) is not None:
             if len(ready) < per_call and actors.load[i] > 0 and (todo or fetching):
                 break
             group = [ready.popleft()]
@@ -625,6 +642,9 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
         waitable = list(fetching) + list(inferring) + list(writing) + list(actors.starting)
         done_refs, _ = ray.wait(waitable, num_returns=1, timeout=1.0)
         for ref in done_refs:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("t=%.2f s: %s done", time.time() - t_stream, "fetch" if ref in fetching else
+                          "actor start" if ref in actors.starting else "predict" if ref in inferring else "write")
             if ref in fetching:
                 year, cell, _ = fetching.pop(ref)
                 try:
@@ -637,22 +657,13 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
                 year, cell, i, gen, info = inferring.pop(ref)
                 if actors.gen[i] == gen:
                     actors.load[i] -= 1
-                if len(writing) >= job.write_concurrency:
-                    # writes are the bottleneck: wait for one before queueing another
-                    w_done: list = []
-                    while not w_done:  # the lease is checked while waiting
-                        w_done, _ = ray.wait(list(writing), num_returns=1, timeout=1.0)
-                        lease.beat()
-                    finish_write(w_done[0])
-                times = {"fetch_s": round(info.get("fetch_s", 0), 3), "fetched": info.get("fetched"),
-                         **{k: info[k] for k in ("requests", "request_s", "request_bytes") if k in info}}
-                writing[gum_write.remote(job_ref, year, cell.row, cell.col, [ref], sha, times,
-                                         lease.run_id, lease.generation)] = (year, cell, i, gen)
+                predicted.append((year, cell, i, gen, info, ref))  # written once a write slot is free
             elif ref in writing:
                 finish_write(ref)
         lease.beat()
+        actors.check_start_deadline()
         progress.update(summary, {"fetch": len(fetching), "infer": len(inferring) + len(ready),
-                                  "write": len(writing)})
+                                  "write": len(writing) + len(predicted)})
     summary.actors_replaced = actors.replaced
 
 
