@@ -77,6 +77,8 @@ def main() -> int:
     ap.add_argument("--stride", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=3, help="best of N")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--readers", type=int, default=2,
+                    help="also read + decompress the cell on 1..N threads at once (a model actor's readers)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -140,6 +142,16 @@ def main() -> int:
     list(meta_eng.predict_scenes([(0, xm, None, (0, 0))]))
     book = (time.perf_counter() - t0) / max(meta_eng.crops_run, 1)
 
+    # the actor's reader threads: cells read and decompressed at once, aggregate throughput
+    import concurrent.futures
+
+    reader_rates = []
+    for k in range(1, args.readers + 1):
+        with concurrent.futures.ThreadPoolExecutor(k) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(lambda _: cache.get_compact(2021, cell), range(2 * k)))
+            reader_rates.append((k, (time.perf_counter() - t0) / (2 * k * crops)))
+
     px = h * w
     print(f"# bench_host  {time.strftime('%Y-%m-%d %H:%M')}  cell {cell.id}: {w} x {h} px (0.25 deg + "
           f"{DEFAULT_HALO_PX} px halo), {crops} crops at stride {args.stride}, {nbytes / 1e6:.1f} MB in the cache, "
@@ -156,6 +168,8 @@ def main() -> int:
     print(f"# CPU work per crop when the device is a GPU: read + decompress "
           f"{(best['read'] + best['decompress']) * 1e3 / crops:.3f} ms, upload copy {best['upload (copy)'] * 1e3 / crops:.3f} ms, "
           f"bookkeeping {book * 1e3:.3f} ms (meta device, batch 32) = {gpu_host * 1e3:.3f} ms per crop per thread")
+    print("# reader threads (read + decompress whole cells at once): " + ", ".join(
+        f"{k}: {r * 1e3:.3f} ms per crop" for k, r in reader_rates))
     print(f"# an H100 (GUM 1 at {H100_MS_PER_CROP} ms/crop) busy: {min(1.0, H100_MS_PER_CROP / (gpu_host * 1e3)):.0%} "
           f"fed by one host thread; {min(1.0, 4 * H100_MS_PER_CROP / (gpu_host * 1e3)):.0%} by four; the whole path on "
           f"this CPU would keep it {min(1.0, H100_MS_PER_CROP / (total * 1e3 / crops)):.1%} busy")

@@ -550,12 +550,13 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
 
     n_gpus = float(ray.cluster_resources().get("GPU", 0))
     n_actors = job.infer_actors or (int(n_gpus) if n_gpus >= 1 else 1)
-    per_call = job.cells_per_call or (4 if n_gpus >= 1 else 1)
     gum_fetch, gum_write, GumInferActor = _remote_stages(job, n_gpus)
     job_ref = ray.put(job)
     # torch threads = the CPUs the actor holds: more would oversubscribe the cores that the fetch
     # and write tasks run on (OpenMP spin-waits make that far slower than it looks)
     threads = job.threads_per_actor or 1
+    # cells per actor call: on a GPU, full batches across cells and the next cell read ahead
+    per_call = job.cells_per_call or (4 if n_gpus >= 1 else 1)
     actors = _ModelActors(GumInferActor, n_actors, threads, job, checkpoint, sha)
     # the actors load and warm up while the first cells are fetched (they are given cells once
     # ready); a checkpoint that cannot load stops the run with its one line, and what was fetched
