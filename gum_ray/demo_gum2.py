@@ -64,7 +64,7 @@ from gum_ray.demo_model import (
 )
 from gum_ray.errors import InputError
 from gum_ray.gum2 import Gum2, Gum2Spec
-from gum_ray.inference import CROP
+from gum_ray.tiling import CROP
 
 DEMO_GUM2_VERSION = 1
 DEMO_GUM2_SPEC = Gum2Spec(width=4, psp_channels=2)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from gum_ray.errors import InputError
-from gum_ray.inference import CROP
+from gum_ray.tiling import CROP
 from gum_ray.model import Gum1, ModelSpec
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import math
 from typing import Any
 
 from gum_ray.grid import cells_for_aoi, check_cell_cap
-from gum_ray.inference import crop_count
+from gum_ray.tiling import crop_count
 from gum_ray.mapping.job import MapJob
 from gum_ray.mapping.runner import cell_km2, plan_cells
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from gum_ray.errors import InputError
 from gum_ray.grid import AOI, DEFAULT_HALO_PX, Cell, ProductGrid
-from gum_ray.inference import InferenceSettings
+from gum_ray.tiling import InferenceSettings
 
 DEFAULT_DATA_DIR = "gum-data"
 

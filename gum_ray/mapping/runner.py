@@ -216,7 +216,11 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
         elif os.environ.get("RAY_ADDRESS"):
             ray.init(**kwargs)
         else:
-            ray.init(address="local", **kwargs)
+            # a local Ray keeps idle workers up to its CPU count and kills the rest after a second;
+            # the stages' tasks (fetches, writes) and the model actors outnumber 2 CPUs, so workers
+            # were killed and restarted (each re-importing gum-ray and re-initialising its source)
+            workers = (os.cpu_count() or 1) + job.fetch_concurrency + job.write_concurrency
+            ray.init(address="local", _system_config={"num_workers_soft_limit": workers}, **kwargs)
         return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or os.environ.get("RAY_ADDRESS")

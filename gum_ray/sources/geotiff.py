@@ -31,7 +31,7 @@ from rasterio.enums import Resampling
 from gum_ray.bands import EXPORT_BANDS, EXPORT_BANDS_WITH_PRODUCTS, with_products_for_band_count
 from gum_ray.errors import InputError, NotFoundError
 from gum_ray.imagery import Imagery, masks_from_export
-from gum_ray.inference import CROP
+from gum_ray.tiling import CROP
 from gum_ray.input_checks import UnitsCheck
 from gum_ray.sources.base import ImagerySource, SourceOptions
 
