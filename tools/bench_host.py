@@ -77,6 +77,11 @@ def main() -> int:
     ap.add_argument("--stride", type=int, default=192)
     ap.add_argument("--repeats", type=int, default=3, help="best of N")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--synthetic", action="store_true",
+                    help="fill the cell from the synthetic world instead of the real scene tiled (tiling repeats "
+                         "the scene, which zstd finds across whole rows; the synthetic world does not repeat)")
+    ap.add_argument("--codecs", action="store_true",
+                    help="also decompress the same arrays with numcodecs directly (zstd 1/3, Blosc lz4), without Zarr")
     ap.add_argument("--readers", type=int, default=2,
                     help="also read + decompress the cell on 1..N threads at once (a model actor's readers)")
     args = ap.parse_args()
@@ -85,13 +90,20 @@ def main() -> int:
     cell = DEFAULT_GRID.cell_at(-4.08, 52.41)
     gbox = cell.utm_geobox(DEFAULT_HALO_PX)
     h, w = gbox.shape.y, gbox.shape.x
-    with open_export(args.image) as src:
-        scene = src.read_rows(0, src.height)
-    reps = (-(-h // scene.shape[1]), -(-w // scene.shape[2]))
-    export = np.tile(scene, (1, *reps))[:, :h, :w].copy()
+    if args.synthetic:
+        from gum_ray.sources import get_source
+
+        export = get_source("synthetic").fetch(gbox, 2021).export
+        scene = None
+    else:
+        with open_export(args.image) as src:
+            scene = src.read_rows(0, src.height)
+        reps = (-(-h // scene.shape[1]), -(-w // scene.shape[2]))
+        export = np.tile(scene, (1, *reps))[:, :h, :w].copy()
     tmp = Path(tempfile.mkdtemp(prefix="bench_host_"))
     cache = ImageryCache(str(tmp / "cache"))
-    cache.put_compact(2021, cell, bands.encode_compact(export), gbox, {})
+    compact = bands.encode_compact(export)
+    cache.put_compact(2021, cell, compact, gbox, {})
     del export, scene
     path = cache.path(2021, cell)
     files = [fs.join(path, f) for f in fs.find(path)]
@@ -152,9 +164,27 @@ def main() -> int:
             list(pool.map(lambda _: cache.get_compact(2021, cell), range(2 * k)))
             reader_rates.append((k, (time.perf_counter() - t0) / (2 * k * crops)))
 
+    codec_rows = []
+    if args.codecs:  # the same arrays through a codec alone: what decompression costs without Zarr
+        import numcodecs
+
+        for name, codec in (("zstd level 1", numcodecs.Zstd(level=1)), ("zstd level 3", numcodecs.Zstd(level=3)),
+                            ("blosc lz4 + shuffle", numcodecs.Blosc(cname="lz4", clevel=5,
+                                                                    shuffle=numcodecs.Blosc.SHUFFLE))):
+            enc = [codec.encode(np.ascontiguousarray(v)) for v in compact.values()]
+            t_best = float("inf")
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                for e in enc:
+                    codec.decode(e)
+                t_best = min(t_best, time.perf_counter() - t0)
+            ratio = sum(v.nbytes for v in compact.values()) / sum(len(e) for e in enc)
+            codec_rows.append((name, t_best, ratio))
+    del compact
+
     px = h * w
     print(f"# bench_host  {time.strftime('%Y-%m-%d %H:%M')}  cell {cell.id}: {w} x {h} px (0.25 deg + "
-          f"{DEFAULT_HALO_PX} px halo), {crops} crops at stride {args.stride}, {nbytes / 1e6:.1f} MB in the cache, "
+          f"{DEFAULT_HALO_PX} px halo, {'synthetic world' if args.synthetic else 'real scene tiled'}), {crops} crops at stride {args.stride}, {nbytes / 1e6:.1f} MB in the cache, "
           f"{torch.get_num_threads()} thread(s)")
     print(f"{'stage':<22} {'ms/cell':>9} {'ms/crop':>8} {'ns/px':>7}")
     total = 0.0
@@ -168,6 +198,8 @@ def main() -> int:
     print(f"# CPU work per crop when the device is a GPU: read + decompress "
           f"{(best['read'] + best['decompress']) * 1e3 / crops:.3f} ms, upload copy {best['upload (copy)'] * 1e3 / crops:.3f} ms, "
           f"bookkeeping {book * 1e3:.3f} ms (meta device, batch 32) = {gpu_host * 1e3:.3f} ms per crop per thread")
+    for name, t_c, ratio in codec_rows:
+        print(f"# numcodecs {name} alone: {t_c * 1e9 / px:.1f} ns/px ({ratio:.1f}x compression)")
     print("# reader threads (read + decompress whole cells at once): " + ", ".join(
         f"{k}: {r * 1e3:.3f} ms per crop" for k, r in reader_rates))
     print(f"# an H100 (GUM 1 at {H100_MS_PER_CROP} ms/crop) busy: {min(1.0, H100_MS_PER_CROP / (gpu_host * 1e3)):.0%} "
