@@ -1,5 +1,6 @@
-"""Model actors are loaded and warmed up before the first fetch; a checkpoint that cannot be loaded
-on the cluster stops the run at once with one line; a lost actor is replaced (issue 12)."""
+"""Model actors load and warm up (while the first cells are fetched); a checkpoint that cannot be
+loaded on the cluster stops the run at once with one line; a lost actor is replaced (issue 12); the
+start deadline counts from the last start, so a replacement late in a run gets its own (issue 14)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,39 @@ def test_a_lost_actor_leaves_the_rotation_and_is_replaced(local_ray, tmp_path, c
     assert actors.replaced == 1
     actors.wait_all_ready(_Beat())
     assert actors.pick() == 0 and actors.actors[0] is not old
+
+
+def test_the_start_deadline_counts_from_the_last_start(monkeypatch, tmp_path):
+    """No Ray needed: a stand-in actor class. The run fails when no actor is ready in time after the
+    first start, and a replacement of the last actor late in a run gets its own time to load."""
+    import time
+
+    from gum_ray.mapping import runner
+
+    class _Ref:
+        pass
+
+    class _Actor:
+        def __init__(self):
+            self.ready = type("M", (), {"remote": staticmethod(lambda: _Ref())})()
+
+    class _Cls:
+        @staticmethod
+        def options(**_):
+            return type("R", (), {"remote": staticmethod(lambda *a: _Actor())})()
+
+    monkeypatch.setattr(runner, "ACTOR_START_TIMEOUT_S", 0.3)
+    actors = runner._ModelActors(_Cls, 1, 1, _job(tmp_path), "ckpt", "0" * 64)
+    actors.check_start_deadline()  # in time
+    time.sleep(0.4)
+    with pytest.raises(GumError, match="did not start within"):
+        actors.check_start_deadline()
+    actors.starting.clear()
+    actors.ready[0] = True  # it did start; much later the actor is lost and replaced
+    time.sleep(0.4)
+    actors.replace(0, actors.gen[0])
+    assert not any(actors.ready)
+    actors.check_start_deadline()  # the replacement has its own 0.3 s, not the first start's
+    time.sleep(0.4)
+    with pytest.raises(GumError, match="did not start within"):
+        actors.check_start_deadline()

@@ -480,11 +480,12 @@ class _ModelActors:
         self.ready = [False] * n
         self.starting: dict[Any, int] = {}  # ready() ref -> slot
         self.replaced = 0
-        self.deadline = time.time() + ACTOR_START_TIMEOUT_S
+        self.deadline = 0.0  # by when some actor must be ready (each start extends it)
         for i in range(n):
             self._start(i)
 
     def _start(self, i: int) -> None:
+        self.deadline = max(self.deadline, time.time() + ACTOR_START_TIMEOUT_S)
         self.actors[i] = self.make()
         self.ready[i] = False
         self.load[i] = 0
@@ -542,7 +543,8 @@ class _ModelActors:
             self.check_start_deadline()
 
     def check_start_deadline(self) -> None:
-        """A :class:`GumError` once no actor has become ready within ``ACTOR_START_TIMEOUT_S``."""
+        """A :class:`GumError` once no actor is ready ``ACTOR_START_TIMEOUT_S`` after the last start
+        (the first ones, or a replacement of the last actor lost mid-run)."""
         if not any(self.ready) and time.time() > self.deadline:
             raise GumError(
                 f"the model actors did not start within {ACTOR_START_TIMEOUT_S:.0f} s: the cluster "
