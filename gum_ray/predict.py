@@ -123,11 +123,11 @@ def predict_file(
                                   _quality=quality_rows):
                         raw = src.read_window(y0, y1, _r0, _r1)
                         units.observe(raw)
-                        _valid[y0] = model.validity(raw)
+                        _valid[y0] = valid = model.validity(raw)
                         _quality[y0] = _quality_of(raw, src.with_products)
-                        # the model's preprocessing runs on the engine's device
-                        raw_t = engine.to_device(raw)
-                        return model.preprocess(raw_t), model.validity(raw_t)
+                        # the model's preprocessing runs on the engine's device; its validity,
+                        # computed once here on the host, goes along
+                        return model.preprocess(engine.to_device(raw)), engine.to_device(valid)
 
                     # interior strips put crops on the scene's stride lattice: with a halo of one
                     # crop, every kept pixel sees exactly the crops of a whole-width run
