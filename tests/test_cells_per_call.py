@@ -1,6 +1,9 @@
 """Cross-cell batching in `gum map` (issue 14): a model actor predicts several cells per call, their
-crops in shared batches, and reads the next cell while the current one runs. The product is the
-same as one cell per call, to the byte; one bad cell in a call fails alone."""
+crops in shared batches, and reads the next cell while the current one runs. At batch 1 (a CPU's
+default) the product is the same as one cell per call, to the byte, on any CPU; at larger batches
+the crops of two cells share a batch, which oneDNN may round differently (AVX2 kernels do, in the
+last bit of a few pixels), so there the predictions are compared within float16 rounding. One bad
+cell in a call fails alone."""
 
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def test_one_bad_cell_in_a_call_fails_alone_and_the_others_equal_single_calls(tmp_path, ckpt):
+@pytest.mark.parametrize("batch", [1, 4])
+def test_one_bad_cell_in_a_call_fails_alone_and_the_others_equal_single_calls(tmp_path, ckpt, batch):
     grid = ProductGrid(cell_deg=0.01, chunk_px=40)
     job = MapJob(aoi=parse_aoi(bbox=(8.571, 47.371, 8.599, 47.389)), years=(2020,),
                  product=str(tmp_path / "p.zarr"), cache=str(tmp_path / "cache"), grid=grid, halo_px=32,
-                 checkpoint=str(ckpt), inference=InferenceSettings(device="cpu", batch_size=4))
+                 checkpoint=str(ckpt), inference=InferenceSettings(device="cpu", batch_size=batch))
     cells = cells_for_aoi(job.aoi, grid)[:3]
     for c in cells:
         fetch_cell(job, 2020, c.row, c.col)
@@ -44,9 +48,14 @@ def test_one_bad_cell_in_a_call_fails_alone_and_the_others_equal_single_calls(tm
     assert isinstance(got[1], StageFailed) and got[1].stage == "predict" and not got[1].cluster
     assert "lacked s1" in got[1].message
     assert actor.engine.crops_run > 0
-    for i in (0, 2):  # crops of cells 0 and 2 shared batches of 4; each equals the cell alone
+    for i in (0, 2):  # each equals the cell alone (at batch 4, crops of cells 0 and 2 shared batches)
         alone = CellPredictor(job, str(ckpt)).predict(2020, cells[i].row, cells[i].col)
-        np.testing.assert_array_equal(got[i].probability, alone.probability)
+        if batch == 1:
+            np.testing.assert_array_equal(got[i].probability, alone.probability)
+        else:  # float16 P(urban): a last-bit difference of the network is at most one float16 step
+            np.testing.assert_allclose(got[i].probability.astype(np.float32),
+                                       alone.probability.astype(np.float32), rtol=2e-3, atol=1e-3)
+            assert np.array_equal(np.isnan(got[i].probability), np.isnan(alone.probability))
         np.testing.assert_array_equal(got[i].quality, alone.quality)
         assert got[i].geobox == alone.geobox
     # without errors as values (a direct call), the bad cell's error is raised
@@ -64,7 +73,7 @@ def test_gum_map_cells_per_call_gives_the_same_bytes(tmp_path, ckpt):
     for n in (1, 3):
         data = tmp_path / f"per-call-{n}"
         assert gum("map", *BBOX, "--year", "2020", "--data-dir", data, "--checkpoint", ckpt, *SMALL,
-                   "--cells-per-call", str(n), "--batch-size", "4", "--fetch-concurrency", "3",
+                   "--cells-per-call", str(n), "--batch-size", "1", "--fetch-concurrency", "3",
                    "--summary-json", tmp_path / f"s{n}.json") == 0
         products[n] = product_files(str(data / "product.zarr"))
         summary = json.loads((tmp_path / f"s{n}.json").read_text())

@@ -101,6 +101,10 @@ def test_the_start_deadline_counts_from_the_last_start(monkeypatch, tmp_path):
         def options(**_):
             return type("R", (), {"remote": staticmethod(lambda *a: _Actor())})()
 
+    import ray
+
+    killed = []
+    monkeypatch.setattr(ray, "kill", lambda actor, **_: killed.append(actor))  # (ray.kill would start a Ray)
     monkeypatch.setattr(runner, "ACTOR_START_TIMEOUT_S", 0.3)
     actors = runner._ModelActors(_Cls, 1, 1, _job(tmp_path), "ckpt", "0" * 64)
     actors.check_start_deadline()  # in time
@@ -111,7 +115,7 @@ def test_the_start_deadline_counts_from_the_last_start(monkeypatch, tmp_path):
     actors.ready[0] = True  # it did start; much later the actor is lost and replaced
     time.sleep(0.4)
     actors.replace(0, actors.gen[0])
-    assert not any(actors.ready)
+    assert len(killed) == 1 and not any(actors.ready)
     actors.check_start_deadline()  # the replacement has its own 0.3 s, not the first start's
     time.sleep(0.4)
     with pytest.raises(GumError, match="did not start within"):
