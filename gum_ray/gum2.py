@@ -8,7 +8,8 @@ and a PSP head. Each encoder is an ``initial_block`` (two 3 x 3 conv-BN-ReLU at 
 written here in plain PyTorch (timm does not import beside this torch). Stage ``i`` of the three
 encoders is fused by ``ffm[i]`` (a BatchNorm per modality, concatenation, 1 x 1 conv-BN-ReLU); the
 decoder stages are mmseg ``UpConvBlock``s (``InterpConv`` upsampling, then two 3 x 3 convs); the head
-is mmseg's ``PSPHead`` reading the last decoder output. So the module names, and with them the
+is mmseg's ``PSPHead`` reading the last decoder output (those mmseg parts are :mod:`gum_ray.unet`'s
+plain-torch rebuilds, op for op: no mmseg import). So the module names, and with them the
 state-dict keys, are the authors' own: their ``GUM_2p0.pth`` loads as it is.
 
 **Width.** The released network has base width 64 (stages 64, 64, 64, 128, 256) and a 16-channel
@@ -45,8 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,7 @@ from torch import nn
 from gum_ray import bands
 from gum_ray.checkpoint_io import file_sha256, read_checkpoint
 from gum_ray.errors import CheckpointError, InputError
+from gum_ray.unet import BasicConvBlock, PSPHead, UpConvBlock
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,6 @@ class Gum2Spec:
 
 GUM2_RELEASED = Gum2Spec(64, 16)
 
-_BN = dict(type="BN", requires_grad=True)
-
 
 class BasicBlock(nn.Module):
     """A ResNet basic block with timm's module names (conv1 bn1 act1 conv2 bn2 act2 downsample)."""
@@ -219,9 +217,7 @@ class ModalityEncoder(nn.Module):
 
     def __init__(self, in_channels: int, width: int) -> None:
         super().__init__()
-        from mmseg.models.backbones.unet import BasicConvBlock
-
-        self.initial_block = BasicConvBlock(in_channels, width, num_convs=2, norm_cfg=dict(_BN))
+        self.initial_block = BasicConvBlock(in_channels, width, num_convs=2)
         self.encoder = ResNetTrunk(width)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -244,13 +240,6 @@ class FusionBlock(nn.Module):
         return self.out(torch.cat([self.s2_scale(s2), self.s1_scale(s1), self.srtm_scale(topo)], dim=1))
 
 
-@lru_cache(maxsize=1)
-def _register_mmseg() -> None:
-    from mmseg.utils import register_all_modules
-
-    register_all_modules(init_default_scope=False)
-
-
 class UNetResMultiEnc(nn.Module):
     """The GUM 2.0 network. ``forward(x)``: (B, 10, H, W) -> logits (B, 2, H, W); H, W multiples of 16.
 
@@ -260,11 +249,6 @@ class UNetResMultiEnc(nn.Module):
 
     def __init__(self, spec: Gum2Spec = GUM2_RELEASED) -> None:
         super().__init__()
-        _register_mmseg()
-        from mmseg.models.backbones.unet import BasicConvBlock, InterpConv
-        from mmseg.models.decode_heads import PSPHead
-        from mmseg.models.utils import UpConvBlock
-
         self.spec = spec
         w = spec.width
         self.s2_encoder = ModalityEncoder(4, w)
@@ -273,16 +257,8 @@ class UNetResMultiEnc(nn.Module):
         n = spec.stage_channels
         self.ffm = nn.ModuleList(FusionBlock(c) for c in n)
         # decoder[k] upsamples stage k + 1 to stage k: (in, skip) = (n[k + 1], n[k])
-        self.decoder = nn.ModuleList(
-            UpConvBlock(BasicConvBlock, n[k + 1], n[k], n[k], num_convs=2, norm_cfg=dict(_BN),
-                        upsample_cfg=dict(type=InterpConv))
-            for k in range(4)
-        )
-        with warnings.catch_warnings():  # mmseg's advice about binary heads: not the user's
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"mmseg(\..*)?")
-            self.decode_head = PSPHead(pool_scales=(1, 2, 3, 6), in_channels=w, channels=spec.psp_channels,
-                                       in_index=4, dropout_ratio=0.1, num_classes=2, norm_cfg=dict(_BN),
-                                       align_corners=False)
+        self.decoder = nn.ModuleList(UpConvBlock(n[k + 1], n[k], n[k], num_convs=2) for k in range(4))
+        self.decode_head = PSPHead(w, spec.psp_channels, 2, in_index=4, pool_scales=(1, 2, 3, 6), dropout_ratio=0.1)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The decoder's outputs: [fused stage 4 (1/16), then each decoder stage up to full size]."""

@@ -1,10 +1,10 @@
-"""The GUM network, built by mmsegmentation from the configs shipped in ``gum_ray/configs``,
-and the loader for user-supplied checkpoints.
+"""The GUM network (mmsegmentation's UNet + PSP head of the configs shipped in ``gum_ray/configs``,
+rebuilt in plain torch by :mod:`gum_ray.unet`), and the loader for user-supplied checkpoints.
 
 A checkpoint is an mmseg/mmengine file (a dict with ``state_dict``, or a bare state dict; keys may
 carry a ``module.`` prefix from DataParallel). The loader infers the architecture from the weight
 shapes (input channels 10 or 13; the base width, which is 64 for the released GUM weights and may be
-smaller for gum-ray's demo model), checks every key and shape against the network mmseg builds, and
+smaller for gum-ray's demo model), checks every key and shape against the network, and
 records the file's sha256 for provenance. Anything wrong is a :class:`CheckpointError` naming the
 file and the problem. Files are read by :mod:`gum_ray.checkpoint_io`: tensors and inert training
 state only, never arbitrary unpickling (``gum convert-checkpoint --trust`` converts other files).
@@ -12,18 +12,16 @@ state only, never arbitrary unpickling (``gum convert-checkpoint --trust`` conve
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import warnings
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gum_ray.checkpoint_io import file_sha256, read_checkpoint
-from gum_ray.errors import CheckpointError, require_file
+from gum_ray.errors import CheckpointError
+from gum_ray.unet import UNetPSP
 
 log = logging.getLogger(__name__)
 
@@ -54,41 +52,15 @@ GUM_10 = ModelSpec(10, 64, 16)
 GUM_13 = ModelSpec(13, 64, 16)
 
 
-@lru_cache(maxsize=1)
-def _register_mmseg() -> None:
-    from mmseg.utils import register_all_modules
-
-    register_all_modules(init_default_scope=True)
-
-
-def model_config(spec: ModelSpec = GUM_10):
-    """The mmengine Config of the GUM network for ``spec`` (from the shipped config files)."""
-    from mmengine.config import Config
-
+def build_model(spec: ModelSpec = GUM_10) -> UNetPSP:
+    """A freshly initialised GUM network in eval mode, on the CPU: mmseg's ``EncoderDecoder`` of the
+    shipped config (``configs/gum_unet_psp.py``, UNet + PSP head) rebuilt in plain torch
+    (:class:`gum_ray.unet.UNetPSP`: the same keys, the same logits to the bit, no mmseg import)."""
     if spec.in_channels not in (10, 13):
         raise CheckpointError(
             f"GUM models take 10 or 13 input channels, not {spec.in_channels}"
         )
-    name = "gum_unet_psp_products.py" if spec.with_products else "gum_unet_psp.py"
-    cfg = Config.fromfile(str(CONFIG_DIR / name))
-    cfg.model.backbone.base_channels = spec.base_channels
-    cfg.model.decode_head.in_channels = spec.base_channels
-    cfg.model.decode_head.channels = spec.psp_channels
-    return cfg
-
-
-def build_model(spec: ModelSpec = GUM_10) -> torch.nn.Module:
-    """A freshly initialised GUM network (mmseg ``EncoderDecoder``) in eval mode, on the CPU."""
-    _register_mmseg()
-    from mmseg.registry import MODELS
-
-    cfg = model_config(spec)
-    with warnings.catch_warnings():  # mmseg's advice about binary heads and deprecations: not the user's
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"mmseg(\..*)?")
-        model = MODELS.build(copy.deepcopy(cfg.model))
-    model.cfg = cfg
-    model.eval()
-    return model
+    return UNetPSP(spec.in_channels, spec.base_channels, spec.psp_channels).eval()
 
 
 @dataclasses.dataclass
@@ -286,7 +258,7 @@ def random_checkpoint(
 
 
 class Gum1:
-    """GUM 1 (mmseg UNet + PSP head, 10 or 13 channels): an :class:`gum_ray.network.UrbanModel`.
+    """GUM 1 (UNet + PSP head, 10 or 13 channels): an :class:`gum_ray.network.UrbanModel`.
 
     Preprocessing is the seed notebook's (:func:`gum_ray.bands.preprocess`, numpy or torch on any
     device, the same values); a pixel without Sentinel-2 is no data; ``forward`` is mmseg's

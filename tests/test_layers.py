@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("grid, bands, imagery", ("gum_ray.version", "gum_ray.quiet", "gum_ray.urls", "gum_ray.errors", "gum_ray.bands",
                               "gum_ray.grid", "gum_ray.aoi", "gum_ray.landmask", "gum_ray.imagery", "gum_ray.warp",
                               "gum_ray.configs", "gum_ray.tiling")),
-    ("model, inference", ("gum_ray.network", "gum_ray.model", "gum_ray.gum2", "gum_ray.checkpoint_io",
+    ("model, inference", ("gum_ray.network", "gum_ray.model", "gum_ray.gum2", "gum_ray.unet", "gum_ray.checkpoint_io",
                           "gum_ray.checkpoint_convert",
                           "gum_ray.input_checks",
                           "gum_ray.inference", "gum_ray.training")),

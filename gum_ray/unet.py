@@ -1,0 +1,194 @@
+"""The GUM networks' building blocks in plain torch: mmsegmentation's UNet parts and PSP head.
+
+GUM 1 is mmsegmentation's ``EncoderDecoder`` (UNet backbone + PSP head, ``gum_ray/configs``) and
+GUM 2.0's decoder and head are the same mmseg parts. This module rebuilds those parts with mmseg's
+module names, registration order and arithmetic, op for op, so
+
+* a checkpoint's state dict loads as is (the same keys, in the same order, of the same shapes), and
+  :func:`gum_ray.model.randomize` draws the same weights from a seed;
+* the logits are bit-identical to the mmseg-built network's, in eval and in training mode
+  (``tests/test_unet.py`` builds both and compares them).
+
+Why not mmseg itself: importing it registers every model, dataset and mmcv op, 3-5 s in every
+process that loads a model (``gum predict``, each model actor of ``gum map``), on top of a 2.5 s
+torch import; for a 20 s prediction that was a fifth of the wall time (docs/performance.md). mmseg
+stays what the seed path (``tools/seed_predict.py``) and the fidelity tests run.
+
+mmcv's ``ConvModule`` here is :class:`ConvModule`: conv (no bias) -> BatchNorm (``bn``) -> ReLU,
+keeping mmcv's ``norm_name`` and ``order`` so :func:`gum_ray.inference.fold_batchnorm` folds it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: the UNet's input sides must be multiples of this (four 2 x 2 max-pools)
+DOWNSAMPLE = 16
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """mmseg's ``resize`` as GUM uses it: bilinear, ``align_corners=False``."""
+    return F.interpolate(x, tuple(int(s) for s in size), None, "bilinear", False)
+
+
+class ConvModule(nn.Module):
+    """mmcv's ``ConvModule`` with BN and ReLU: ``conv`` (bias-free), ``bn``, ``activate`` (in place)."""
+
+    norm_name = "bn"
+    order = ("conv", "norm", "act")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 padding: int = 0, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                              dilation=dilation, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.activate = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.bn(self.conv(x)))
+
+
+class BasicConvBlock(nn.Module):
+    """mmseg's UNet ``BasicConvBlock``: ``num_convs`` 3 x 3 ConvModules in ``convs``."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_convs: int = 2, stride: int = 1,
+                 dilation: int = 1) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(*(
+            ConvModule(in_channels if i == 0 else out_channels, out_channels, 3,
+                       stride=stride if i == 0 else 1, dilation=1 if i == 0 else dilation,
+                       padding=1 if i == 0 else dilation)
+            for i in range(num_convs)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+
+class Upsample(nn.Module):
+    """mmseg's ``Upsample`` wrapper at a scale factor: bilinear, ``align_corners=False``."""
+
+    def __init__(self, scale_factor: float = 2.0) -> None:
+        super().__init__()
+        self.scale_factor = float(scale_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return resize(x, [int(t * self.scale_factor) for t in x.shape[-2:]])
+
+
+class InterpConv(nn.Module):
+    """mmseg's ``InterpConv``: ``interp_upsample`` = (2x bilinear upsample, 1 x 1 ConvModule)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.interp_upsample = nn.Sequential(Upsample(2.0), ConvModule(in_channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.interp_upsample(x)
+
+
+class UpConvBlock(nn.Module):
+    """mmseg's ``UpConvBlock``: upsample ``x`` to ``skip_channels``, concatenate after ``skip``, convs."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, num_convs: int = 2) -> None:
+        super().__init__()
+        self.conv_block = BasicConvBlock(2 * skip_channels, out_channels, num_convs)
+        self.upsample = InterpConv(in_channels, skip_channels)
+
+    def forward(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_block(torch.cat([skip, self.upsample(x)], dim=1))
+
+
+class UNet(nn.Module):
+    """mmseg's ``UNet`` as GUM configures it: ``num_stages`` stages of two 3 x 3 convs, 2 x 2
+    max-pool between stages, bilinear ``InterpConv`` upsampling; channels ``base * 2**i``.
+    ``forward`` returns mmseg's list: the deepest stage, then each decoder stage up to full size."""
+
+    def __init__(self, in_channels: int, base_channels: int = 64, num_stages: int = 5) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for i in range(num_stages):
+            stage: list[nn.Module] = []
+            if i != 0:
+                stage.append(nn.MaxPool2d(kernel_size=2))
+                self.decoder.append(UpConvBlock(base_channels * 2**i, base_channels * 2 ** (i - 1),
+                                                base_channels * 2 ** (i - 1)))
+            stage.append(BasicConvBlock(in_channels, base_channels * 2**i))
+            self.encoder.append(nn.Sequential(*stage))
+            in_channels = base_channels * 2**i
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h, w = x.shape[-2:]
+        if h % DOWNSAMPLE or w % DOWNSAMPLE:
+            raise ValueError(f"the GUM UNet takes sides that are multiples of {DOWNSAMPLE} px, got {h} x {w}")
+        enc_outs = []
+        for enc in self.encoder:
+            x = enc(x)
+            enc_outs.append(x)
+        dec_outs = [x]
+        for i in reversed(range(len(self.decoder))):
+            x = self.decoder[i](enc_outs[i], x)
+            dec_outs.append(x)
+        return dec_outs
+
+
+class PPM(nn.ModuleList):
+    """mmseg's pooling pyramid: per scale, adaptive average pool -> 1 x 1 ConvModule, upsampled back."""
+
+    def __init__(self, pool_scales: Sequence[int], in_channels: int, channels: int) -> None:
+        super().__init__(nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(in_channels, channels, 1))
+                         for s in pool_scales)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        return [resize(ppm(x), x.size()[2:]) for ppm in self]
+
+
+class PSPHead(nn.Module):
+    """mmseg's ``PSPHead`` (``conv_seg``, ``dropout``, ``psp_modules``, ``bottleneck``, in mmseg's
+    registration order) on the ``in_index``-th of the backbone's outputs."""
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int = 2, *, in_index: int = 4,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout_ratio: float = 0.1) -> None:
+        super().__init__()
+        self.in_index = in_index
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
+        self.psp_modules = PPM(pool_scales, in_channels, channels)
+        self.bottleneck = ConvModule(in_channels + len(pool_scales) * channels, channels, 3, padding=1)
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = inputs[self.in_index]
+        feats = self.bottleneck(torch.cat([x, *self.psp_modules(x)], dim=1))
+        if self.dropout is not None:
+            feats = self.dropout(feats)
+        return self.conv_seg(feats)
+
+
+class UNetPSP(nn.Module):
+    """GUM 1's network (mmseg ``EncoderDecoder``: ``backbone`` UNet, ``decode_head`` PSPHead).
+
+    ``forward(x)``: (B, C, H, W) -> logits (B, 2, H, W). :meth:`encode_decode` keeps mmseg's
+    signature (``batch_img_metas`` with ``img_shape``: the logits are resized to it, bilinear, as mmseg does).
+    """
+
+    def __init__(self, in_channels: int = 10, base_channels: int = 64, psp_channels: int = 16,
+                 num_classes: int = 2) -> None:
+        super().__init__()
+        self.backbone = UNet(in_channels, base_channels)
+        self.decode_head = PSPHead(base_channels, psp_channels, num_classes)
+
+    def encode_decode(self, inputs: torch.Tensor, batch_img_metas: list[dict[str, Any]]) -> torch.Tensor:
+        logits = self.decode_head(self.backbone(inputs))
+        return resize(logits, batch_img_metas[0]["img_shape"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_decode(x, [{"img_shape": tuple(x.shape[-2:])}])
+
+
+__all__ = ["BasicConvBlock", "ConvModule", "InterpConv", "PPM", "PSPHead", "UNet", "UNetPSP", "UpConvBlock",
+           "resize"]
