@@ -56,7 +56,7 @@ from torch import nn
 from gum_ray import bands
 from gum_ray.checkpoint_io import file_sha256, read_checkpoint
 from gum_ray.errors import CheckpointError, InputError
-from gum_ray.unet import BasicConvBlock, PSPHead, UpConvBlock
+from gum_ray.unet import BasicConvBlock, PSPHead, UpConvBlock, uninitialised
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +276,11 @@ class UNetResMultiEnc(nn.Module):
         return self.decode_head(self.features(x))
 
 
-def build_network(spec: Gum2Spec = GUM2_RELEASED) -> UNetResMultiEnc:
-    """A freshly initialised GUM 2.0 network in eval mode, on the CPU."""
+def build_network(spec: Gum2Spec = GUM2_RELEASED, *, initialise: bool = True) -> UNetResMultiEnc:
+    """A freshly initialised GUM 2.0 network in eval mode, on the CPU (``initialise=False``: weights
+    left unset, to be loaded: :func:`gum_ray.unet.uninitialised`)."""
+    if not initialise:
+        return uninitialised(lambda: UNetResMultiEnc(spec)).eval()
     return UNetResMultiEnc(spec).eval()
 
 
@@ -335,7 +338,7 @@ def load_network(raw: Any, path: str | Path) -> tuple[UNetResMultiEnc, dict[str,
     head = [k for k in sd if k.startswith(TRAINING_HEAD_PREFIX)]
     for k in head:
         del sd[k]
-    net = build_network(infer_spec(sd, path))
+    net = build_network(infer_spec(sd, path), initialise=False)  # every key but BN counters loaded below
     check_state_dict(net, sd, path)
     net.load_state_dict(sd, strict=False)
     meta: dict[str, Any] = {}

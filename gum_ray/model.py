@@ -21,7 +21,7 @@ import torch
 
 from gum_ray.checkpoint_io import file_sha256, read_checkpoint
 from gum_ray.errors import CheckpointError
-from gum_ray.unet import UNetPSP
+from gum_ray.unet import UNetPSP, uninitialised
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,20 @@ GUM_10 = ModelSpec(10, 64, 16)
 GUM_13 = ModelSpec(13, 64, 16)
 
 
-def build_model(spec: ModelSpec = GUM_10) -> UNetPSP:
+def build_model(spec: ModelSpec = GUM_10, *, initialise: bool = True) -> UNetPSP:
     """A freshly initialised GUM network in eval mode, on the CPU: mmseg's ``EncoderDecoder`` of the
     shipped config (``configs/gum_unet_psp.py``, UNet + PSP head) rebuilt in plain torch
-    (:class:`gum_ray.unet.UNetPSP`: the same keys, the same logits to the bit, no mmseg import)."""
+    (:class:`gum_ray.unet.UNetPSP`: the same keys, the same logits to the bit, no mmseg import).
+    ``initialise=False``: weights left unset, to be loaded (:func:`gum_ray.unet.uninitialised`)."""
     if spec.in_channels not in (10, 13):
         raise CheckpointError(
             f"GUM models take 10 or 13 input channels, not {spec.in_channels}"
         )
-    return UNetPSP(spec.in_channels, spec.base_channels, spec.psp_channels).eval()
+
+    def factory() -> UNetPSP:
+        return UNetPSP(spec.in_channels, spec.base_channels, spec.psp_channels)
+
+    return (factory() if initialise else uninitialised(factory)).eval()
 
 
 @dataclasses.dataclass
@@ -154,7 +159,7 @@ def load_checkpoint(
                 else "the 13-channel 'with products' checkpoint, or drop the product bands"
             )
         )
-    model = build_model(spec)
+    model = build_model(spec, initialise=False)  # every key but the BN counters is loaded below
     expected = model.state_dict()
     missing = [
         k for k in expected if k not in sd and not k.endswith(OPTIONAL_KEY_SUFFIXES)

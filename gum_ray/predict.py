@@ -261,7 +261,10 @@ def _output_profile(src: ExportFile) -> dict:
         tiled=True,
         blockxsize=512,
         blockysize=512,
-        compress="deflate",
+        # a temporary file (the COG is written from it): the fastest codec; row windows written
+        # into 512 px tiles cost 6x more CPU with deflate (0.85 s against 0.14 s a Mpx, measured)
+        compress="zstd",
+        zstd_level=1,
         BIGTIFF="IF_SAFER",
         # strips without data are never written (strips are whole 512 px block columns): their
         # blocks stay empty and read back as no data (255) in every band

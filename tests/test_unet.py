@@ -141,3 +141,30 @@ def test_loading_and_running_models_imports_no_mmseg(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_loaded_networks_skip_random_init_and_keep_nothing_unset(tmp_path):
+    """Checkpoints load into networks built without their random init (gum_ray.unet.uninitialised):
+    every tensor equals the file's, and BN counters a file omits start at 0."""
+    from gum_ray.gum2 import Gum2Spec, build_network, load_network
+    from gum_ray.model import load_checkpoint
+
+    nets = {"gum1": randomize(build_model(SPECS[0]), 6), "gum2": build_network(Gum2Spec(8, 4))}
+    for family, net in nets.items():
+        with torch.no_grad():  # recognisable values everywhere, counters included
+            for t in net.state_dict().values():
+                t.copy_(torch.arange(t.numel()).reshape(t.shape) % 7 + 1)
+        sd = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+        torch.save({"state_dict": sd}, tmp_path / f"{family}.pth")
+        if family == "gum1":
+            loaded = load_checkpoint(tmp_path / "gum1.pth").model
+        else:
+            loaded = load_network(torch.load(tmp_path / "gum2.pth"), tmp_path / "gum2.pth")[0]
+        got = loaded.state_dict()
+        assert got.keys() == net.state_dict().keys()
+        for k, v in got.items():
+            if k.endswith("num_batches_tracked"):
+                assert int(v) == 0, k
+            else:
+                assert torch.equal(v, sd[k]), k
+        assert not loaded.training
