@@ -41,6 +41,7 @@ import torch
 from gum_ray.errors import InputError
 from gum_ray.imagery import NODATA, Imagery, Prediction, probability_to_uint8  # noqa: F401 - re-exported
 from gum_ray.network import UrbanModel, as_model
+from gum_ray.unet import conv_before_upsample
 from gum_ray.tiling import (CROP, DEFAULT_STRIDE, InferenceSettings, Precision,  # noqa: F401 - re-exported
                             crop_count, crop_starts)
 
@@ -229,6 +230,7 @@ class InferenceEngine:
         if fold:  # on a copy: the caller's model keeps its weights
             self.model = copy.deepcopy(self.model)
             self.folded = fold_batchnorm(self.model.module)
+            conv_before_upsample(self.model.module)  # folded InterpConvs: 1 x 1 conv at 1/4 the pixels
         else:
             self.folded = 0
         self.model.module.to(self.device).eval()

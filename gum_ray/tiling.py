@@ -29,7 +29,9 @@ class InferenceSettings:
     batch_size: int | None = None  # None = per device (default_batch_size)
     precision: Precision = "auto"
     channels_last: bool | None = None  # None = per device (default_channels_last)
-    fold_bn: bool | None = None  # None = with channels_last (both change fp32 rounding vs the seed's)
+    # BN folded into the convs, and folded 1 x 1 upsample convs run before the upsampling
+    # (unet.conv_before_upsample); None = with channels_last (all change fp32 rounding vs the seed's)
+    fold_bn: bool | None = None
     compile: bool = False
     device: str = "auto"
     #: preprocess exactly as the family's published notebook, missing modalities included (GUM 2.0:

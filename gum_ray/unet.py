@@ -81,13 +81,20 @@ class Upsample(nn.Module):
 
 
 class InterpConv(nn.Module):
-    """mmseg's ``InterpConv``: ``interp_upsample`` = (2x bilinear upsample, 1 x 1 ConvModule)."""
+    """mmseg's ``InterpConv``: ``interp_upsample`` = (2x bilinear upsample, 1 x 1 ConvModule).
+
+    :func:`conv_before_upsample` turns a folded one (its BN an identity) into conv -> upsample ->
+    ReLU, the same function in real arithmetic on a quarter of the pixels."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.interp_upsample = nn.Sequential(Upsample(2.0), ConvModule(in_channels, out_channels, 1))
+        self.conv_first = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_first:
+            upsample, cm = self.interp_upsample
+            return cm.activate(upsample(cm.conv(x)))
         return self.interp_upsample(x)
 
 
@@ -190,6 +197,24 @@ class UNetPSP(nn.Module):
         return self.encode_decode(x, [{"img_shape": tuple(x.shape[-2:])}])
 
 
+def conv_before_upsample(module: nn.Module) -> int:
+    """Run each :class:`InterpConv` of ``module`` whose BatchNorm is folded into its conv
+    (:func:`gum_ray.inference.fold_batchnorm`) as 1 x 1 conv -> 2x bilinear upsample -> ReLU instead
+    of upsample -> conv -> ReLU; returns how many. A 1 x 1 conv (with its bias) and a bilinear
+    upsample commute in real arithmetic (the bilinear weights sum to 1), so this changes only
+    rounding (logits within about 5e-4, as folding does) and runs the conv on a quarter of the
+    pixels: 4-5 % less time per GUM 1 crop on an AVX2 CPU (docs/performance.md). The weights and
+    the state dict are unchanged."""
+    n = 0
+    for mod in module.modules():
+        if isinstance(mod, InterpConv) and not mod.conv_first:
+            cm = mod.interp_upsample[1]
+            if isinstance(cm.bn, nn.Identity):
+                mod.conv_first = True
+                n += 1
+    return n
+
+
 def uninitialised(factory: Callable[[], nn.Module]) -> nn.Module:
     """``factory()``'s module on the CPU without its random initialisation, for weights about to be
     loaded from a checkpoint (initialising GUM 1's 29 M parameters costs a quarter of a second per
@@ -204,5 +229,5 @@ def uninitialised(factory: Callable[[], nn.Module]) -> nn.Module:
     return module
 
 
-__all__ = ["BasicConvBlock", "ConvModule", "InterpConv", "PPM", "PSPHead", "UNet", "UNetPSP", "UpConvBlock",
+__all__ = ["BasicConvBlock", "ConvModule", "conv_before_upsample", "InterpConv", "PPM", "PSPHead", "UNet", "UNetPSP", "UpConvBlock",
            "resize", "uninitialised"]

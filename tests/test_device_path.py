@@ -12,6 +12,7 @@ import torch
 from gum_ray import bands
 from gum_ray.inference import InferenceEngine, InferenceSettings
 from gum_ray.model import Gum1, ModelSpec, build_model, randomize
+from gum_ray.unet import InterpConv
 
 TINY = ModelSpec(10, 8, 4)
 TINY13 = ModelSpec(13, 8, 4)
@@ -135,11 +136,15 @@ def test_folded_batchnorm_and_channels_last_stay_close_and_leave_the_model_alone
     fast = InferenceEngine(tiny, InferenceSettings(stride=256, window="none", merge="logits", precision="fp32",
                                                    device="cpu"))
     assert fast.folded > 0 and fast.memory_format == torch.channels_last
+    ups = [m for m in fast.model.module.modules() if isinstance(m, InterpConv)]
+    assert ups and all(m.conv_first for m in ups)  # folded: 1 x 1 conv before the upsampling
+    assert not any(m.conv_first for m in tiny.module.modules() if isinstance(m, InterpConv))
     np.testing.assert_allclose(fast.predict(x).probability, exact.probability, atol=1e-4)
     after = tiny.module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # folding worked on a copy
     seed = InferenceEngine(tiny, InferenceSettings.seed(device="cpu"))
     assert seed.folded == 0 and seed.memory_format == torch.contiguous_format
+    assert not any(m.conv_first for m in seed.model.module.modules() if isinstance(m, InterpConv))
 
 
 def test_13_channel_model_through_compact_parts():

@@ -168,3 +168,21 @@ def test_loaded_networks_skip_random_init_and_keep_nothing_unset(tmp_path):
             else:
                 assert torch.equal(v, sd[k]), k
         assert not loaded.training
+
+
+def test_conv_before_upsample_only_where_folded_and_the_same_function():
+    from gum_ray.gum2 import Gum2Spec, build_network
+    from gum_ray.gum2 import randomize as randomize2
+    from gum_ray.unet import InterpConv, conv_before_upsample
+
+    x = torch.rand(1, 10, 64, 96, generator=torch.Generator().manual_seed(3))
+    for net in (randomize(build_model(SPECS[0]), 8), randomize2(build_network(Gum2Spec(8, 4)), 8)):
+        assert conv_before_upsample(net) == 0, "BN not folded: the order must stay mmseg's"
+        fold_batchnorm(net)
+        with torch.no_grad():
+            ref = net(x)
+            assert conv_before_upsample(net) == 4  # one per decoder stage
+            got = net(x)
+        assert all(m.conv_first for m in net.modules() if isinstance(m, InterpConv))
+        assert not torch.equal(got, ref), "the conv must run before the upsampling"
+        assert (got - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))
