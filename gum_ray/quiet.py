@@ -1,7 +1,8 @@
 """What reaches the user's terminal: gum-ray's own lines, not third-party noise.
 
 mmsegmentation, mmengine, rasterio, zarr and friends emit ``UserWarning``s and deprecation
-warnings on import and on use (mmseg alone prints six lines on every ``gum map``), and Ray relays
+warnings on import and on use (mmseg alone printed six lines on every ``gum map`` while it built the
+network; mmseg is no longer imported there, but the rule stays for every library), and Ray relays
 each worker's stderr to the driver. None of it is actionable for a user, and it buries gum-ray's
 one-line errors. So:
 

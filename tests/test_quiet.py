@@ -49,7 +49,7 @@ def ckpt(tmp_path_factory):
 
 
 def test_predict_bad_input_is_exactly_one_line_after_the_model_is_built(tmp_path, ckpt):
-    # the checkpoint loads (mmseg is imported and the network built: where its warnings fire),
+    # the checkpoint loads (the network is built: where mmseg's warnings fired before gum_ray.unet),
     # then the input is refused: 5 bands, not 11
     bad = write_export(tmp_path / "bad.tif", random_export(40, 50)[:5])
     r = run_gum("predict", bad, tmp_path / "out.tif", "--checkpoint", ckpt)
