@@ -48,6 +48,11 @@ class ConvModule(nn.Module):
                               dilation=dilation, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.activate = nn.ReLU(inplace=True)
+        # mmcv's own initialisation, in its order (a fresh network, e.g. the demo model's start, is
+        # then mmseg's for the same torch seed): kaiming normal, fan_out, ReLU; BN weight 1, bias 0
+        nn.init.kaiming_normal_(self.conv.weight, a=0, mode="fan_out", nonlinearity="relu")
+        nn.init.constant_(self.bn.weight, 1.0)
+        nn.init.constant_(self.bn.bias, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activate(self.bn(self.conv(x)))
