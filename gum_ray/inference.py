@@ -41,9 +41,9 @@ import torch
 from gum_ray.errors import InputError
 from gum_ray.imagery import NODATA, Imagery, Prediction, probability_to_uint8  # noqa: F401 - re-exported
 from gum_ray.network import UrbanModel, as_model
-from gum_ray.unet import conv_before_upsample
 from gum_ray.tiling import (CROP, DEFAULT_STRIDE, InferenceSettings, Precision,  # noqa: F401 - re-exported
                             crop_count, crop_starts)
+from gum_ray.unet import conv_before_upsample
 
 log = logging.getLogger(__name__)
 

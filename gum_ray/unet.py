@@ -234,5 +234,5 @@ def uninitialised(factory: Callable[[], nn.Module]) -> nn.Module:
     return module
 
 
-__all__ = ["BasicConvBlock", "ConvModule", "conv_before_upsample", "InterpConv", "PPM", "PSPHead", "UNet", "UNetPSP", "UpConvBlock",
-           "resize", "uninitialised"]
+__all__ = ["BasicConvBlock", "ConvModule", "InterpConv", "PPM", "PSPHead", "UNet", "UNetPSP", "UpConvBlock",
+           "conv_before_upsample", "resize", "uninitialised"]
