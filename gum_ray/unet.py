@@ -20,6 +20,7 @@ keeping mmcv's ``norm_name`` and ``order`` so :func:`gum_ray.inference.fold_batc
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Callable, Sequence
 
 import torch
@@ -28,6 +29,11 @@ from torch import nn
 
 #: the UNet's input sides must be multiples of this (four 2 x 2 max-pools)
 DOWNSAMPLE = 16
+
+# False while :func:`uninitialised` builds a network on the meta device: ConvModule then skips
+# mmcv's initialisation (on meta tensors ``normal_`` goes through torch's Python reference, which
+# imports torch._dynamo: 1.3 s of a 20 s prediction, for values never computed)
+_INITIALISE = contextvars.ContextVar("gum_ray_unet_initialise", default=True)
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -50,6 +56,8 @@ class ConvModule(nn.Module):
         self.activate = nn.ReLU(inplace=True)
         # mmcv's own initialisation, in its order (a fresh network, e.g. the demo model's start, is
         # then mmseg's for the same torch seed): kaiming normal, fan_out, ReLU; BN weight 1, bias 0
+        if not _INITIALISE.get():
+            return
         nn.init.kaiming_normal_(self.conv.weight, a=0, mode="fan_out", nonlinearity="relu")
         nn.init.constant_(self.bn.weight, 1.0)
         nn.init.constant_(self.bn.bias, 0.0)
@@ -225,12 +233,22 @@ def uninitialised(factory: Callable[[], nn.Module]) -> nn.Module:
     loaded from a checkpoint (initialising GUM 1's 29 M parameters costs a quarter of a second per
     load). Every tensor is left as allocated except BatchNorm's ``num_batches_tracked`` counters,
     which a checkpoint may omit: they start at 0. The caller loads every other key."""
-    with torch.device("meta"):
-        module = factory()
-    module = module.to_empty(device="cpu")
-    for name, buf in module.named_buffers():
-        if name.endswith("num_batches_tracked"):
-            buf.zero_()
+    token = _INITIALISE.set(False)
+    try:
+        with torch.device("meta"):
+            module = factory()
+    finally:
+        _INITIALISE.reset(token)
+    # each tensor allocated on the CPU by hand: Module.to_empty goes through torch's Python
+    # reference of empty_like for meta tensors, which imports sympy (0.5 s)
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = (torch.zeros if name == "num_batches_tracked" else torch.empty)(
+                    b.shape, dtype=b.dtype)
     return module
 
 

@@ -134,7 +134,8 @@ def test_sides_not_multiple_of_16_are_refused_in_one_line():
 
 
 def test_loading_and_running_models_imports_no_mmseg(tmp_path):
-    """The 3-5 s mmseg/mmcv import is gone from every model path (GUM 1 and GUM 2.0)."""
+    """The 3-5 s mmseg/mmcv import is gone from every model path (GUM 1 and GUM 2.0), and so is
+    torch._dynamo's 1.3 s (building a network on the meta device without mmcv's init)."""
     code = (
         "import sys, torch\n"
         "from gum_ray.model import random_checkpoint, ModelSpec\n"
@@ -148,6 +149,7 @@ def test_loading_and_running_models_imports_no_mmseg(tmp_path):
         "    InferenceEngine(m, InferenceSettings(device='cpu')).predict(torch.rand(10, 64, 64).numpy())\n"
         "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('mmseg', 'mmcv', 'mmengine'))\n"
         "assert not bad, bad[:5]\n"
+        "assert not {'torch._dynamo', 'sympy'} & set(sys.modules)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
