@@ -35,7 +35,9 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``gum`` parser; ``only``: just that subcommand's (its module alone is imported: the
+    others' imports, odc-geo, pyproj, zarr, Ray's client, would cost every command a second)."""
     parser = argparse.ArgumentParser(
         prog="gum",
         description="gum-ray: urban areas at 10 m with the GlobalUrbanMapper model.",
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         mod = importlib.import_module(f"gum_ray.commands.{module}")
         p = mod.add_parser(sub)
         p.set_defaults(_run=mod.run)
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # before any subcommand module is imported: third-party import-time warnings are hidden too
     quiet.configure(True if any(a in ("-v", "--verbose") for a in argv) else None)
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)  # global flags take no value
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)

@@ -43,10 +43,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from odc.geo.geobox import GeoBox
 
 from gum_ray.bands import (
     PRODUCT_BANDS,
@@ -57,6 +56,9 @@ from gum_ray.bands import (
     encode_compact,
     export_band_names,
 )
+
+if TYPE_CHECKING:  # odc-geo (with dask, shapely and pyproj: 0.27 s) is imported where a grid is made
+    from odc.geo.geobox import GeoBox
 
 #: uint8 "no data" of every stored output (probability percent, class, labels to ignore).
 NODATA = 255

@@ -32,7 +32,7 @@ from gum_ray.imagery import NODATA, input_quality, masks_from_export
 from gum_ray.inference import CROP, InferenceEngine, crop_count
 from gum_ray.input_checks import UnitsCheck
 from gum_ray.network import check_compatible
-from gum_ray.store.cog import write_cog
+from gum_ray.store.cog_file import write_cog
 from gum_ray.version import __version__
 
 log = logging.getLogger(__name__)

@@ -155,3 +155,21 @@ def test_folder_with_one_bad_file_predicts_the_rest_and_fails(tmp_path, ckpt, ca
     err = capsys.readouterr().err
     assert "b_bad.tif: has 5 bands" in err and "1 written" in err and "1 failed" in err
     assert [p.name for p in out.iterdir()] == ["a_good_gum.tif"]
+
+
+def test_predict_process_imports_only_what_it_needs(tmp_path, ckpt):
+    """`gum predict` builds its own parser only and loads the checkpoint without torch's compiler
+    stack: none of the product store (zarr), the grid (odc-geo), Ray, torch._dynamo or sympy is
+    imported (they cost a 20 s prediction about 2.5 s; docs/performance.md)."""
+    code = (
+        "import sys\n"
+        "from gum_ray.cli import main\n"
+        f"assert main(['predict', {str(bigearthnet_files()[0])!r}, {str(tmp_path / 'o.tif')!r}, "
+        f"'--checkpoint', {str(ckpt)!r}, '--quiet']) == 0\n"
+        "heavy = ('zarr', 'odc', 'ray', 'xarray', 'dask', 'sympy', 'torch._dynamo', 'gum_ray.grid',"
+        " 'gum_ray.store.product', 'mmseg', 'mmcv', 'mmengine')\n"
+        "print(sorted(k for k in sys.modules if k in heavy or k.split('.')[0] in heavy))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"

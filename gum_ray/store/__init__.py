@@ -1,25 +1,13 @@
 """Stores of gum-ray: the global product, its manifest, the imagery cache, exports and statistics.
 
 Every store takes a root path that is a local folder or ``gs://bucket/prefix``
-(:mod:`gum_ray.store.fs`). Heavier modules (COG export, previews) are imported on first use.
+(:mod:`gum_ray.store.fs`). Each name below is imported from its module on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
-
-from gum_ray.store.cache import ImageryCache
-from gum_ray.store.manifest import FailureRecord, Manifest, write_and_commit
-from gum_ray.store.product import (
-    DEFAULT_PRODUCT_PATH,
-    NODATA,
-    URBAN_THRESHOLD,
-    CellWriteResult,
-    ProductSettings,
-    ProductStore,
-    encode_probability,
-    open_product,
-)
 
 __all__ = [
     "DEFAULT_PRODUCT_PATH",
@@ -40,17 +28,19 @@ __all__ = [
 ]
 
 
+#: each name's module, imported on first use: ``from gum_ray.store.cog_file import write_cog`` (gum predict)
+#: then does not import the product, the cache and the grid (zarr, odc-geo, pyproj: 0.5 s)
+_MODULES = {
+    "DEFAULT_PRODUCT_PATH": "product", "NODATA": "product", "URBAN_THRESHOLD": "product",
+    "CellWriteResult": "product", "ProductSettings": "product", "ProductStore": "product",
+    "encode_probability": "product", "open_product": "product",
+    "FailureRecord": "manifest", "Manifest": "manifest", "write_and_commit": "manifest",
+    "ImageryCache": "cache", "export_cog": "cog", "urban_area": "stats", "render_preview": "preview",
+}
+
+
 def __getattr__(name: str) -> Any:
-    if name == "export_cog":
-        from gum_ray.store.cog import export_cog
-
-        return export_cog
-    if name == "urban_area":
-        from gum_ray.store.stats import urban_area
-
-        return urban_area
-    if name == "render_preview":
-        from gum_ray.store.preview import render_preview
-
-        return render_preview
-    raise AttributeError(f"module 'gum_ray.store' has no attribute {name!r}")
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gum_ray.store' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"gum_ray.store.{module}"), name)

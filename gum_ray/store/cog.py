@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,11 @@ from gum_ray.version import __version__
 from gum_ray.errors import InputError
 from gum_ray.grid import AOI, PRODUCT_CRS, aoi_windows, window_transform
 from gum_ray.store import fs
+from gum_ray.store.cog_file import BLOCK, write_cog
 from gum_ray.store.product import NODATA, PROBABILITY, ProductStore
 
 log = logging.getLogger(__name__)
 
-BLOCK = 512
 STRIP_ROWS = 4096  # rows read from the product at a time while assembling
 
 
@@ -59,32 +58,6 @@ def _shifted_geometry(aoi: AOI) -> list[Any]:
         return list(aoi.parts)
     w = aoi.bounds[0]
     return [shapely.affinity.translate(p, xoff=360.0) if p.bounds[2] < w else p for p in aoi.parts]
-
-
-def write_cog(src: str | os.PathLike, dst: str | os.PathLike, *, overview_resampling: str,
-              metadata: dict[str, str] | None = None) -> None:
-    """Translate a uint8 GeoTIFF into a COG: 512 px blocks (overviews too), ZSTD, nodata 255,
-    internal overviews, band tags kept. ``overview_resampling``: ``average`` for probabilities,
-    ``nearest`` where a band holds classes."""
-    from rio_cogeo.cogeo import cog_translate
-    from rio_cogeo.profiles import cog_profiles
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Non-standard compression schema.*")
-        profile = dict(cog_profiles.get("zstd"))
-        profile.update({"blockxsize": BLOCK, "blockysize": BLOCK, "BIGTIFF": "IF_SAFER"})
-        cog_translate(
-            str(src),
-            str(dst),
-            profile,
-            nodata=NODATA,
-            overview_resampling=overview_resampling,
-            in_memory=False,
-            quiet=True,
-            forward_band_tags=True,
-            additional_cog_metadata=metadata,
-            config={"GDAL_NUM_THREADS": "2", "GDAL_TIFF_OVR_BLOCKSIZE": str(BLOCK)},
-        )
 
 
 def quality_path(out: str) -> str:
