@@ -221,6 +221,69 @@ def encode_compact(export: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+#: GUM 1's model channels by the compact band each comes from, ``(part, band)``: its preprocessing
+#: is per band (each channel a function of one export band), so a table over every code of that
+#: band gives the channel (:func:`code_tables`). 10 channels, then the 3 products.
+GUM1_CHANNEL_SOURCES = (("s2", 0), ("s2", 1), ("s2", 2), ("s2", 3), ("s1", 0), ("s1", 1), ("s1", 2),
+                        ("s1", 3), ("terrain", 1), ("terrain", 2), ("products", 0), ("products", 1),
+                        ("products", 2))
+
+#: a code table's length: entry ``TABLE_HALF * present + code`` (+ 32768 for the int16 parts)
+TABLE_HALF = 65536
+_CODE_OFFSET = {"s2": 0, "s1": 32768, "terrain": 32768, "products": 0}
+_PART_BANDS = {"s2": 4, "s1": 4, "terrain": 3, "products": 3}
+
+
+def code_index(code, present=None, out=None):
+    """The table entry of each compact ``code`` (a torch tensor of a part's band), given its mask
+    byte ``present`` (None for the mask-less products): int32, ``TABLE_HALF * present + code`` with
+    int16 codes offset to start at 0, in ``out`` if given (int32, ``code``'s shape). ``present``
+    must be 0/1, as the cache and the EE source write it."""
+    import torch
+
+    i = code.to(torch.int32) if out is None else out.copy_(code)
+    offset = 32768 if code.dtype == torch.int16 else 0
+    if present is None:
+        return i.add_(TABLE_HALF + offset)
+    i.add_(present, alpha=TABLE_HALF)
+    return i.add_(offset) if offset else i
+
+
+def code_tables(preprocess, sources) -> np.ndarray:
+    """(C, 2 * TABLE_HALF) float32: per model channel ``c``, the value ``preprocess`` gives for every
+    code of its band ``sources[c]`` (a compact part and band), absent (first half) and present
+    (second half), found by running :func:`decode_compact` and ``preprocess`` on probes of every
+    code: a lookup then equals them bit for bit. Checked: each channel must not change when every
+    other band does (a family whose preprocessing mixes bands cannot use tables: ValueError)."""
+    n = 2 * TABLE_HALF
+    codes = np.arange(n) % TABLE_HALF
+
+    def probe(fill: int) -> np.ndarray:
+        parts: dict[str, np.ndarray] = {}
+        for part, bands_ in _PART_BANDS.items():
+            dtype = np.uint8 if part == "products" else (np.uint16 if part == "s2" else np.int16)
+            parts[part] = np.full((bands_, 1, n), fill, dtype)
+            if part != "products":
+                parts[part + "_mask"] = np.full((bands_, 1, n), fill % 2, np.uint8)
+        if not any(p == "products" for p, _ in sources):
+            del parts["products"]
+        out = np.empty((len(sources), n), np.float32)
+        for c, (part, band) in enumerate(sources):
+            own = {k: v.copy() for k, v in parts.items()}
+            if part == "products":
+                own[part][band, 0] = (codes % 256).astype(np.uint8)
+            else:
+                own[part][band, 0] = (codes - _CODE_OFFSET[part]).astype(own[part].dtype)
+                own[part + "_mask"][band, 0] = np.arange(n) >= TABLE_HALF
+            out[c] = preprocess(decode_compact(own))[c, 0]
+        return out
+
+    a, b = probe(0), probe(1)
+    if not np.array_equal(a, b, equal_nan=True):
+        raise ValueError("this preprocessing mixes bands: a channel changed with another band's value")
+    return a
+
+
 def decode_compact(parts: dict, rows: slice | None = None):
     """Inverse of :func:`encode_compact`: float32 GUM export, NaN where a mask says missing.
 

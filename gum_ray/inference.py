@@ -242,6 +242,9 @@ class InferenceEngine:
         self._w1 = torch.from_numpy(window_1d(self.settings.window)).to(self.device)
         self._window = torch.outer(self._w1, self._w1)
         self._batch: torch.Tensor | None = None
+        self._tables: torch.Tensor | None = None  # code tables (prepare_compact), made on first use
+        self._tables_made = False
+        self._sources: tuple[tuple[str, int], ...] = ()
         self.crops_run = 0
         #: seconds spent per stage (the host's view: on CUDA, kernels are asynchronous)
         self.stage_s: dict[str, float] = collections.defaultdict(float)
@@ -359,7 +362,7 @@ class InferenceEngine:
         model's own ``preprocess`` and ``validity`` run on the device, in row blocks (on a CPU they
         stay in cache). The values equal the numpy path's (``model.preprocess(decode_compact(parts))``).
         """
-        from gum_ray.bands import decode_compact
+        from gum_ray.bands import code_index, decode_compact
 
         t = time.perf_counter()
         dev = {k: _as_device_tensor(v, self.device) for k, v in parts.items()}
@@ -368,14 +371,38 @@ class InferenceEngine:
         _, h, w = dev["s2"].shape
         x = torch.empty((self.in_channels, h, w), dtype=torch.float32, device=self.device)
         valid = torch.empty((h, w), dtype=torch.bool, device=self.device)
+        tables = self._code_tables()
+        index = None if tables is None else torch.empty((rows_per_block, w), dtype=torch.int32, device=self.device)
         with torch.inference_mode():
             for a in range(0, h, rows_per_block):
                 rows = slice(a, min(a + rows_per_block, h))
-                export = decode_compact(dev, rows)
-                valid[rows] = self.model.validity(export)
-                x[:, rows] = self.model.preprocess(export)
+                if tables is None:
+                    export = decode_compact(dev, rows)
+                    valid[rows] = self.model.validity(export)
+                    x[:, rows] = self.model.preprocess(export)
+                    continue
+                # a per-band family: one lookup per channel, no float export in between
+                for c, (part, band) in enumerate(self._sources):
+                    mask = dev.get(part + "_mask")
+                    i = code_index(dev[part][band, rows], None if mask is None else mask[band, rows],
+                                   out=index[: rows.stop - rows.start])
+                    torch.index_select(tables[c], 0, i.view(-1), out=x[c, rows].view(-1))
+                torch.all(dev["s2_mask"][:, rows] != 0, dim=0, out=valid[rows])
         self.stage_s["decode+preprocess"] += time.perf_counter() - t
         return x, valid
+
+    def _code_tables(self) -> torch.Tensor | None:
+        """The model's code tables on the device (:func:`gum_ray.bands.code_tables`), made on first
+        use; None for a family whose preprocessing is not per band."""
+        if not self._tables_made:
+            self._tables_made = True
+            sources = getattr(self.model, "channel_sources", None)
+            if sources is not None:
+                from gum_ray.bands import code_tables
+
+                self._sources = tuple(sources())
+                self._tables = torch.from_numpy(code_tables(self.model.preprocess, self._sources)).to(self.device)
+        return self._tables
 
     def predict_compact(self, parts: dict[str, np.ndarray], origin: tuple[int, int] | None = None) -> Prediction:
         """Predict a scene given as compact integer parts (the imagery cache's); P(urban) float32,

@@ -322,6 +322,14 @@ class Gum1:
 
         return validity_mask(export)
 
+    def channel_sources(self) -> tuple[tuple[str, int], ...]:
+        """Each input channel's compact (part, band): GUM 1's preprocessing is per band, so the
+        engine may decode and preprocess compact integers by table lookup
+        (:func:`gum_ray.bands.code_tables`); a pixel is valid where every ``s2`` band is present."""
+        from gum_ray.bands import GUM1_CHANNEL_SOURCES
+
+        return GUM1_CHANNEL_SOURCES[: self.in_channels]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         metas = [dict(img_shape=(x.shape[2], x.shape[3]))] * x.shape[0]
         return self._module.encode_decode(x, metas)

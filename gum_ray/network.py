@@ -37,6 +37,12 @@ reciprocal there, 1 ulp off numpy). A test then asserts ``preprocess(torch.from_
 ``preprocess`` only takes numpy still runs: through :meth:`~gum_ray.inference.InferenceEngine.predict`
 with a host-preprocessed input.
 
+A family whose preprocessing makes each channel from one export band (GUM 1) may also offer
+``channel_sources()``: per input channel, the compact part and band it comes from, e.g.
+``("s1", 2)``, with validity meaning "every ``s2`` band present". The engine then decodes and
+preprocesses compact integers by one table lookup per channel, tables made from the family's own
+``preprocess`` (:func:`gum_ray.bands.code_tables`, which refuses a preprocessing that mixes bands).
+
 The compatibility rule between a model and imagery lives here, once: the imagery must carry every
 band the model requires (:func:`check_compatible`); extra bands are not an error (a 10-channel model
 ignores the product bands of 14-band imagery). ``gum map``, ``gum patches``, ``gum predict``,

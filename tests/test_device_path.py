@@ -56,6 +56,43 @@ def test_torch_preprocess_and_decode_equal_numpy_bit_for_bit(n):
     np.testing.assert_array_equal(bands.validity_mask(dec).numpy(), bands.validity_mask(dec_ref))
 
 
+@pytest.mark.parametrize("spec", [TINY, TINY13])
+def test_table_lookup_equals_decode_and_preprocess_for_every_code(spec):
+    """GUM 1 decodes and preprocesses compact integers by table lookup (bands.code_tables): every
+    code of every band, absent, present and mixed, gives the values and validity of decode_compact
+    followed by the model's preprocessing, bit for bit."""
+    model = Gum1.from_module(build_model(spec))
+    n = 65536
+    rng = np.random.default_rng(1)
+    mixed = rng.integers(0, 2, (4, n))
+    parts = {"s2": np.broadcast_to(np.arange(n).astype(np.uint16), (4, 3, n)).copy()}
+    for part, k in (("s1", 4), ("terrain", 3)):
+        parts[part] = np.broadcast_to((np.arange(n) - 32768).astype(np.int16), (k, 3, n)).copy()
+    for part, k in (("s2", 4), ("s1", 4), ("terrain", 3)):
+        m = np.zeros((k, 3, n), np.uint8)
+        m[:, 1] = 1  # row 0: absent, row 1: present, row 2: some of each
+        m[:, 2] = mixed[:k]
+        parts[part + "_mask"] = m
+    if spec.with_products:
+        parts["products"] = np.broadcast_to((np.arange(n) % 256).astype(np.uint8), (3, 3, n)).copy()
+    export = bands.decode_compact(parts)
+    engine = InferenceEngine(model, InferenceSettings(device="cpu"))
+    x, valid = engine.prepare_compact(parts)
+    assert engine._code_tables() is not None  # the lookup ran
+    np.testing.assert_array_equal(x.numpy(), model.preprocess(export))
+    np.testing.assert_array_equal(valid.numpy(), model.validity(export))
+
+
+def test_code_tables_refuse_a_preprocessing_that_mixes_bands():
+    def mixing(export):
+        out = bands.preprocess(export)
+        out[0] = out[0] + out[1]
+        return out
+
+    with pytest.raises(ValueError, match="mixes bands"):
+        bands.code_tables(mixing, bands.GUM1_CHANNEL_SOURCES[:10])
+
+
 def test_compact_input_equals_float_export_input(tiny):
     export = bands.decode_compact(bands.encode_compact(fake_export(300, 280)))
     engine = InferenceEngine(tiny, InferenceSettings.seed(device="cpu", batch_size=3))
