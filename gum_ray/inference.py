@@ -360,7 +360,9 @@ class InferenceEngine:
 
         The integers are uploaded once; decoding (:func:`gum_ray.bands.decode_compact`) and the
         model's own ``preprocess`` and ``validity`` run on the device, in row blocks (on a CPU they
-        stay in cache). The values equal the numpy path's (``model.preprocess(decode_compact(parts))``).
+        stay in cache); for a family whose channels each come from one band (``channel_sources``,
+        GUM 1) as one table lookup per channel (:func:`gum_ray.bands.code_tables`). The values equal
+        the numpy path's (``model.preprocess(decode_compact(parts))``) either way.
         """
         from gum_ray.bands import code_index, decode_compact
 
