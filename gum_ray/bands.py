@@ -230,8 +230,10 @@ GUM1_CHANNEL_SOURCES = (("s2", 0), ("s2", 1), ("s2", 2), ("s2", 3), ("s1", 0), (
 
 #: a code table's length: entry ``TABLE_HALF * present + code`` (+ 32768 for the int16 parts)
 TABLE_HALF = 65536
-_CODE_OFFSET = {"s2": 0, "s1": 32768, "terrain": 32768, "products": 0}
-_PART_BANDS = {"s2": 4, "s1": 4, "terrain": 3, "products": 3}
+INT16_OFFSET = 32768  # int16 codes (s1, terrain) start at table entry 0 after this shift
+# the compact parts as encode_compact writes them: (bands, dtype)
+_PARTS = {"s2": (len(S2_BANDS), np.uint16), "s1": (len(S1_BANDS), np.int16),
+          "terrain": (len(TERRAIN_BANDS), np.int16), "products": (len(PRODUCT_BANDS), np.uint8)}
 
 
 def code_index(code, present=None, out=None):
@@ -242,7 +244,7 @@ def code_index(code, present=None, out=None):
     import torch
 
     i = code.to(torch.int32) if out is None else out.copy_(code)
-    offset = 32768 if code.dtype == torch.int16 else 0
+    offset = INT16_OFFSET if code.dtype == torch.int16 else 0
     if present is None:
         return i.add_(TABLE_HALF + offset)
     i.add_(present, alpha=TABLE_HALF)
@@ -260,8 +262,7 @@ def code_tables(preprocess, sources) -> np.ndarray:
 
     def probe(fill: int) -> np.ndarray:
         parts: dict[str, np.ndarray] = {}
-        for part, bands_ in _PART_BANDS.items():
-            dtype = np.uint8 if part == "products" else (np.uint16 if part == "s2" else np.int16)
+        for part, (bands_, dtype) in _PARTS.items():
             parts[part] = np.full((bands_, 1, n), fill, dtype)
             if part != "products":
                 parts[part + "_mask"] = np.full((bands_, 1, n), fill % 2, np.uint8)
@@ -273,7 +274,8 @@ def code_tables(preprocess, sources) -> np.ndarray:
             if part == "products":
                 own[part][band, 0] = (codes % 256).astype(np.uint8)
             else:
-                own[part][band, 0] = (codes - _CODE_OFFSET[part]).astype(own[part].dtype)
+                offset = INT16_OFFSET if own[part].dtype == np.int16 else 0
+                own[part][band, 0] = (codes - offset).astype(own[part].dtype)
                 own[part + "_mask"][band, 0] = np.arange(n) >= TABLE_HALF
             out[c] = preprocess(decode_compact(own))[c, 0]
         return out
