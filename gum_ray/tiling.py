@@ -32,6 +32,9 @@ class InferenceSettings:
     # BN folded into the convs, and folded 1 x 1 upsample convs run before the upsampling
     # (unet.conv_before_upsample); None = with channels_last (all change fp32 rounding vs the seed's)
     fold_bn: bool | None = None
+    # the deep 3 x 3 convs by Winograd F(4 x 4, 3 x 3) (gum_ray.winograd); None = on for fp32 on a
+    # CPU where BN is folded (it changes fp32 rounding too); only fp32 on a CPU takes it
+    winograd: bool | None = None
     compile: bool = False
     device: str = "auto"
     #: preprocess exactly as the family's published notebook, missing modalities included (GUM 2.0:
@@ -59,7 +62,7 @@ class InferenceSettings:
         logits moved by up to 6e-6 and one near-tie pixel of 879,780 flipped class on the real scene).
         """
         base = dict(stride=CROP, window="none", merge="logits", precision="fp32", channels_last=False,
-                    fold_bn=False, batch_size=1, notebook_preprocessing=True)
+                    fold_bn=False, winograd=False, batch_size=1, notebook_preprocessing=True)
         base.update(overrides)
         return cls(**base)
 

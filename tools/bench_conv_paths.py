@@ -3,13 +3,18 @@
 best of N, side by side: what the engine could choose from when there is no native bf16.
 
   NCHW (oneDNN)                 the seed's arithmetic (mmseg's layout)
-  channels_last + BN folded     gum-ray's default layout
+  channels_last + BN folded     gum-ray's layout (with the 1 x 1 upsample convs run first)
+  ... + Winograd                gum-ray's fp32 CPU default: the deep 3 x 3 convs by Winograd F(4x4, 3x3)
   ... + torch.compile freezing  inductor with frozen weights (oneDNN prepacked convs)
   oneDNN off                    ATen / NNPACK convolutions
 
-Run it AVX2-only with ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` to see an AVX2 CPU.
+``--layers`` adds, per 3 x 3 convolution of the folded network, its time direct (oneDNN) and by
+Winograd on the input it gets in a 256 x 256 crop, and whether the engine's rule takes it.
 
-    .venv/bin/python tools/bench_conv_paths.py [--repeats 3] [--no-compile]
+Run it AVX2-only with ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``
+to see an AVX2 CPU.
+
+    .venv/bin/python tools/bench_conv_paths.py [--repeats 3] [--no-compile] [--layers]
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from gum_ray.inference import fold_batchnorm  # noqa: E402
 from gum_ray.model import GUM_10, Gum1, build_model, randomize  # noqa: E402
+from gum_ray.unet import conv_before_upsample  # noqa: E402
+from gum_ray.winograd import WinogradConv2d, eligible, use_winograd  # noqa: E402
 
 
 def best(fn, x, repeats: int) -> tuple[float, torch.Tensor]:
@@ -40,10 +47,33 @@ def best(fn, x, repeats: int) -> tuple[float, torch.Tensor]:
     return t_best, y
 
 
+def per_layer(folded: torch.nn.Module, wino: torch.nn.Module, x: torch.Tensor, repeats: int) -> list:
+    """(name, 'in->out @side', direct s, Winograd s, the engine's rule takes it) per 3 x 3 conv."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: shapes.setdefault(n, tuple(inp[0].shape)) and None)
+             for n, m in folded.named_modules() if eligible(m)]
+    with torch.inference_mode():
+        folded(x)
+    for h in hooks:
+        h.remove()
+    convs, swapped = dict(folded.named_modules()), dict(wino.named_modules())
+    out = []
+    for name, shape in shapes.items():
+        conv = convs[name]
+        xi = torch.rand(shape).contiguous(memory_format=torch.channels_last)
+        td, _ = best(conv, xi, repeats)
+        tw, _ = best(WinogradConv2d(conv, min_tiles=1), xi, repeats)
+        rule = swapped[name]
+        used = isinstance(rule, WinogradConv2d) and rule._u is not None
+        out.append((name, f"{conv.in_channels}->{conv.out_channels} @{shape[-1]}", td, tw, used))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--layers", action="store_true", help="per 3 x 3 conv: direct against Winograd")
     args = ap.parse_args()
     model = Gum1.from_module(randomize(build_model(GUM_10), 3))
     net = model.module.eval()
@@ -54,9 +84,15 @@ def main() -> int:
     rows.append(("NCHW (oneDNN, the seed's)", t0, 0.0))
     folded = Gum1.from_module(copy.deepcopy(net))
     fold_batchnorm(folded.module)
+    conv_before_upsample(folded.module)
     folded.module.to(memory_format=torch.channels_last)
     t1, y1 = best(folded.forward, xcl, args.repeats)
     rows.append(("channels_last + BN folded", t1, (y1 - y0).abs().max().item()))
+    wino = Gum1.from_module(copy.deepcopy(folded.module))
+    use_winograd(wino.module)
+    tw, yw = best(wino.forward, xcl, args.repeats)
+    rows.append(("+ Winograd F(4x4, 3x3) (fp32 CPU default)", tw, (yw - y0).abs().max().item()))
+    layer_rows = per_layer(folded.module, wino.module, xcl, args.repeats) if args.layers else []
     if not args.no_compile:
         import torch._inductor.config as inductor_config
 
@@ -76,6 +112,14 @@ def main() -> int:
     print(f"{'path':<44} {'s/crop':>7} {'x NCHW':>7} {'max |logit diff|':>17}")
     for name, t, d in rows:
         print(f"{name:<44} {t:>7.3f} {t0 / t:>7.2f} {d:>17.2e}")
+    if layer_rows:
+        print(f"{'3 x 3 conv (folded network)':<44} {'in->out @px':>14} {'direct ms':>10} {'Winograd ms':>12} "
+              f"{'gain':>6}  engine")
+        for name, shape, td, tw, used in layer_rows:
+            print(f"{name:<44} {shape:>14} {td * 1e3:>10.1f} {tw * 1e3:>12.1f} {td / tw:>6.2f}  "
+                  f"{'Winograd' if used else 'direct'}")
+        print(f"{'sum':<44} {'':>14} {sum(r[2] for r in layer_rows) * 1e3:>10.1f} "
+              f"{sum(r[3] for r in layer_rows) * 1e3:>12.1f}")
     return 0
 
 

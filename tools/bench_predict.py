@@ -10,7 +10,9 @@ Each round runs, as separate processes on the same image and the same (random) G
 
 and reports per path the median wall time, user and system CPU seconds, minor page faults and peak
 RSS, and the speed against the seed path's. ``--avx2`` runs every process with
-``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``: an AVX2-only CPU (no AVX-512, no bf16), emulated.
+``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``: an AVX2-only CPU
+(no AVX-512, no bf16), emulated (oneDNN's convolutions, ATen's kernels and MKL's matrix products).
+``--paths`` may add ``no-winograd`` (the defaults with ``--winograd off``).
 
     .venv/bin/python tools/bench_predict.py [--avx2] [--rounds 2] [--image X.tif]
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DEFAULT_IMAGE = REPO.parent / "shared" / "realdata" / "aberystwyth_2021-05-27_gum11.tif"
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
@@ -49,7 +51,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default=str(DEFAULT_IMAGE))
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--avx2", action="store_true", help="emulate an AVX2-only CPU (oneDNN and ATen ISA caps)")
+    ap.add_argument("--avx2", action="store_true", help="emulate an AVX2-only CPU (oneDNN, ATen and MKL ISA caps)")
     ap.add_argument("--paths", default="seed,defaults,seed-settings")
     args = ap.parse_args()
 
@@ -72,6 +74,8 @@ def main() -> int:
         "seed": [py, str(REPO / "tools" / "seed_predict.py"), args.image, str(tmp / "seed.tif"),
                  config, str(ckpt)],
         "defaults": gum + [str(tmp / "defaults.tif"), "--checkpoint", str(ckpt), "--overwrite", "--quiet"],
+        "no-winograd": gum + [str(tmp / "nowino.tif"), "--checkpoint", str(ckpt), "--overwrite", "--quiet",
+                              "--winograd", "off"],
         "seed-settings": gum + [str(tmp / "seedset.tif"), "--checkpoint", str(ckpt), "--overwrite", "--quiet",
                                 "--seed-settings"],
     }

@@ -33,6 +33,9 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory layout: auto = channels_last with BatchNorm folded into the convs "
                         "(faster), except at --seed-settings (NCHW, class-exact with mmseg)")
+    g.add_argument("--winograd", choices=("auto", "on", "off"), default="auto",
+                   help="fp32 on a CPU: the deep 3 x 3 convolutions by Winograd F(4x4, 3x3), about 1.3x "
+                        "faster on an AVX2 CPU; auto = on where BatchNorm is folded (not at --seed-settings)")
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
@@ -45,8 +48,11 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace):
     from gum_ray.inference import InferenceSettings
 
-    layout = {"auto": None, "on": True, "off": False}[args.channels_last]
+    tri = {"auto": None, "on": True, "off": False}
+    layout = tri[args.channels_last]
     common = dict(device=args.device, compile=args.compile)
+    if tri[args.winograd] is not None:
+        common["winograd"] = tri[args.winograd]
     if args.batch_size is not None:
         common["batch_size"] = args.batch_size
     if args.seed_settings:
@@ -109,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             "and needs the product bands; give the 10-channel checkpoint"
         )
     engine = InferenceEngine(model, settings)
+    del model  # the engine holds what it runs (a folded copy at the defaults): the loaded weights can go
     show = not args.quiet and sys.stderr.isatty()
     done = skipped = 0
     failed: list[str] = []

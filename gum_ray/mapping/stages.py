@@ -125,8 +125,10 @@ class CellPredictor:
 
             if threads:
                 torch.set_num_threads(threads)
-            self.model = load_model(local_checkpoint(checkpoint, sha256), family=job.model)
-            self.engine = InferenceEngine(self.model, job.inference)
+            # the engine keeps what it runs (a folded copy at the defaults): the loaded weights go
+            self.engine = InferenceEngine(load_model(local_checkpoint(checkpoint, sha256), family=job.model),
+                                          job.inference)
+            self.model = self.engine.model
         except Exception as exc:  # noqa: BLE001 - reported by ready()
             self.error = exc
 
