@@ -28,7 +28,7 @@ import shapely
 from affine import Affine
 from odc.geo.geobox import GeoBox
 from pyproj import CRS, Transformer
-from shapely.geometry import MultiPolygon, Polygon, box, mapping, shape
+from shapely.geometry import MultiPolygon, Polygon, box, mapping
 from shapely.ops import unary_union
 
 from gum_ray.errors import InputError

@@ -230,11 +230,11 @@ class InferenceEngine:
             self.model = self.model.as_notebook()  # a family whose default differs from its notebook
         winograd = self.settings.winograd
         fp32_cpu = self.device.type == "cpu" and self.autocast_dtype is None
-        if winograd is None:
-            winograd = fold and fp32_cpu
+        if winograd is None:  # torch.compile chooses its own kernels
+            winograd = fold and fp32_cpu and not self.settings.compile
         elif winograd and not fp32_cpu:
-            raise InputError("winograd: the Winograd convolutions run in fp32 on a CPU only; use precision "
-                             "fp32 on the cpu device, or leave winograd to auto", param="winograd")
+            raise InputError("winograd on takes fp32 on a CPU only; use precision fp32 with device cpu, "
+                             "or leave it on auto", param=("winograd", "precision", "device"))
         self.folded = self.winograd_convs = 0
         if fold or winograd:  # on a copy: the caller's model keeps its weights
             self.model = copy.deepcopy(self.model)

@@ -15,13 +15,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gum_ray.checkpoint_io import file_sha256, read_checkpoint
 from gum_ray.errors import CheckpointError
 from gum_ray.unet import UNetPSP, uninitialised
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +209,7 @@ def save_checkpoint(
 
 
 def randomize(
-    model: torch.nn.Module, seed: int = 0, calibrate_on: "np.ndarray | None" = None
+    model: torch.nn.Module, seed: int = 0, calibrate_on: np.ndarray | None = None
 ) -> torch.nn.Module:
     """Give every weight random values and calibrate the BN statistics (tests and benchmarks).
 

@@ -58,8 +58,8 @@ class WinogradConv2d(nn.Module):
     the 36 products have few rows and stream the transformed filters from memory for little work,
     so the gain is small and the memory is the largest (GUM's 16 px stage at batch 1: 16 tiles,
     226 MB of transformed filters). So do inputs it does not take at all: sides not multiples of
-    4, a dtype other than float32, autocast, autograd. The module is always correct, and fast
-    where it is used."""
+    4, a dtype other than float32, a device other than the CPU, autocast, autograd. The module is
+    always correct, and fast where it is used."""
 
     def __init__(self, conv: nn.Conv2d, min_tiles: int = 64):
         super().__init__()
@@ -103,7 +103,7 @@ class WinogradConv2d(nn.Module):
         nh, nw = h // TILE, w // TILE
         tiles = b * nh * nw
         if (h % TILE or w % TILE or tiles < self.min_tiles or x.dtype != torch.float32
-                or x.device != self.weight.device or torch.is_autocast_enabled(x.device.type)
+                or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return self._direct(x)
         u = self.filters()

@@ -173,3 +173,17 @@ def test_predict_process_imports_only_what_it_needs(tmp_path, ckpt):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_winograd_on_outside_fp32_on_a_cpu_is_one_clear_line(tmp_path, ckpt, capsys):
+    path = tmp_path / "in.tif"
+    write_export(path, random_export(64, 64))
+    out = tmp_path / "out"
+    out.mkdir()
+    code = gum("predict", path, out / "x.tif", "--checkpoint", ckpt, "--quiet", "--winograd", "on",
+               "--precision", "bf16")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1
+    assert err[0] == ("gum: error: --winograd on takes fp32 on a CPU only; use --precision fp32 with "
+                      "--device cpu, or leave it on auto")
+    assert list(out.iterdir()) == []

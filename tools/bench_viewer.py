@@ -100,7 +100,7 @@ def main() -> int:
     dt = time.perf_counter() - t
     rows.append(("gum export --cogs (COGs + VRT + STAC)", f"{cg.written} COGs", dt, f"{dt / max(cg.written, 1):.1f} s/COG"))
 
-    print(f"| step | size | seconds | rate |\n|---|---|---:|---|")
+    print("| step | size | seconds | rate |\n|---|---|---:|---|")
     for name, size, sec, rate in rows:
         print(f"| {name} | {size} | {sec:.2f} | {rate} |")
     print(json.dumps({"work": str(work)}))

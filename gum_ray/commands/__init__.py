@@ -23,6 +23,7 @@ FLAGS: dict[str, str] = {
     "merge": "--merge",
     "device": "--device",
     "precision": "--precision",
+    "winograd": "--winograd",
     "halo_px": "--halo",
     "max_attempts": "--max-attempts",
     "max_cells": "--max-cells",

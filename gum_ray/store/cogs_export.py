@@ -85,13 +85,13 @@ def vrt_xml(year: int, cells: Sequence[Cell], names: Sequence[str],
         f'  <SRS dataAxisToSRSAxisMapping="2,1">{escape(PRODUCT_CRS.to_wkt())}</SRS>\n'
         f'  <GeoTransform>{gt}</GeoTransform>\n'
         f'  <Metadata><MDI key="gum_year">{year}</MDI><MDI key="software">gum-ray {__version__}</MDI></Metadata>\n'
-        f'  <VRTRasterBand dataType="Byte" band="1">\n'
+        '  <VRTRasterBand dataType="Byte" band="1">\n'
         f'    <Description>{escape(description)}, {year}</Description>\n'
         f'    <NoDataValue>{NODATA}</NoDataValue>\n'
-        f'    <ColorInterp>Gray</ColorInterp>\n'
+        '    <ColorInterp>Gray</ColorInterp>\n'
         + "\n".join(sources) + "\n"
-        f'  </VRTRasterBand>\n'
-        f'</VRTDataset>\n'
+        '  </VRTRasterBand>\n'
+        '</VRTDataset>\n'
     )
 
 
