@@ -242,7 +242,7 @@ class InferenceEngine:
             self.folded = fold_batchnorm(self.model.module)
             conv_before_upsample(self.model.module)  # folded InterpConvs: 1 x 1 conv at 1/4 the pixels
         if winograd:  # the deep 3 x 3 convs: 1.3x less time per crop on an AVX2 CPU (docs/performance.md)
-            self.winograd_convs = use_winograd(self.model.module)
+            self.winograd_convs = use_winograd(self.model.module, keep_weights=False)  # held once, transformed
         self.model.module.to(self.device).eval()
         self.model.module.to(memory_format=self.memory_format)
         self.in_channels = int(self.model.in_channels)

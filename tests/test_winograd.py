@@ -19,7 +19,7 @@ from gum_ray.model import GUM_10, Gum1, ModelSpec, build_model, randomize
 from gum_ray.winograd import WinogradConv2d, eligible, use_winograd
 from tests.test_device_path import fake_export
 
-SMALL = ModelSpec(10, 32, 4)  # channels 32 ... 512: six convs swapped, four of them at 32 px used
+SMALL = ModelSpec(10, 32, 4)  # channels 32 ... 512: six convs swapped, two of them at 16 px (2 x 2 tiles)
 
 
 def conv(cin: int, cout: int, bias: bool = True, seed: int = 0) -> nn.Conv2d:
@@ -36,9 +36,10 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).abs().max() / ref.abs().max())
 
 
-@pytest.mark.parametrize("cin,cout,b,h,w,bias", [
-    (256, 512, 1, 32, 32, True), (300, 260, 2, 16, 24, False), (64, 128, 3, 8, 4, True), (1, 3, 1, 4, 8, True)])
-def test_winograd_equals_the_direct_convolution_to_fp32_rounding(cin, cout, b, h, w, bias):
+@pytest.mark.parametrize("cin,cout,b,h,w,bias,tile", [
+    (256, 512, 1, 32, 32, True, 4), (300, 260, 2, 16, 24, False, 4), (64, 128, 3, 8, 4, True, 4),
+    (1, 3, 1, 4, 8, True, 4), (256, 512, 1, 10, 6, True, 2), (96, 40, 2, 14, 18, False, 2)])
+def test_winograd_equals_the_direct_convolution_to_fp32_rounding(cin, cout, b, h, w, bias, tile):
     c = conv(cin, cout, bias)
     x = torch.randn(b, cin, h, w).contiguous(memory_format=torch.channels_last)
     wc = WinogradConv2d(c, min_tiles=1)
@@ -46,7 +47,7 @@ def test_winograd_equals_the_direct_convolution_to_fp32_rounding(cin, cout, b, h
         ref = F.conv2d(x.double(), c.weight.double(), None if c.bias is None else c.bias.double(), padding=1)
         y = wc(x)
         direct = c(x)
-    assert wc._u is not None  # the Winograd path ran
+    assert wc.tile == tile and wc._u is not None  # the Winograd path ran, with the tile that fits
     assert y.shape == ref.shape and y.dtype == torch.float32
     assert y.is_contiguous(memory_format=torch.channels_last)
     # about 1e-5 (the transforms' coefficients reach 1/24 and 8); the direct fp32 conv is about 1e-6
@@ -61,7 +62,8 @@ def test_a_wrong_transform_would_be_caught():
     c = conv(32, 32)
     x = torch.randn(1, 32, 16, 16)
     wc = WinogradConv2d(c, min_tiles=1)
-    wc._u = wc.filters().roll(1, dims=0)  # the 36 products in the wrong places
+    wc.prepare(4)
+    wc._u = wc._u.roll(1, dims=0)  # the 36 products in the wrong places
     with torch.no_grad():
         ref = F.conv2d(x.double(), c.weight.double(), c.bias.double(), padding=1)
         assert relative_error(wc(x), ref) > 1e-2
@@ -71,14 +73,19 @@ def test_what_it_does_not_take_goes_to_the_direct_convolution():
     c = conv(16, 16)
     wc = WinogradConv2d(c, min_tiles=1)
     with torch.no_grad():
-        x = torch.randn(1, 16, 18, 10)  # sides not multiples of 4
+        x = torch.randn(1, 16, 17, 9)  # odd sides: no tile fits
         assert torch.equal(wc(x), c(x))
-        few = WinogradConv2d(c, min_tiles=64)
-        x = torch.randn(1, 16, 28, 32)  # 56 tiles, fewer than 64: the direct conv, no filters made
-        assert torch.equal(few(x), c(x)) and few._u is None
-        x = torch.randn(2, 16, 28, 32)  # 112 tiles
-        assert not torch.equal(few(x), c(x)) and few._u is not None
         assert wc._u is None
+        few = WinogradConv2d(c, min_tiles=64)
+        x = torch.randn(1, 16, 12, 12)  # 9 tiles of 4 x 4, 36 of 2 x 2: the direct conv, no filters
+        assert torch.equal(few(x), c(x)) and few._u is None and few.tile == 0
+        x = torch.randn(1, 16, 32, 32)  # enough tiles now, but the first input chose: direct
+        assert torch.equal(few(x), c(x)) and few._u is None
+        for side, tile in ((16, 2), (32, 4)):  # 16 px: 16 tiles of 4 x 4, 64 of 2 x 2; 32 px: 64 of 4 x 4
+            m = WinogradConv2d(c, min_tiles=64)
+            x = torch.randn(1, 16, side, side)
+            assert not torch.equal(m(x), c(x)) and m.tile == tile
+            assert relative_error(m(x), F.conv2d(x.double(), c.weight.double(), c.bias.double(), padding=1)) < 5e-5
         with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 transforms would lose the precision
             y = wc(torch.randn(1, 16, 8, 8))
         assert y.dtype == torch.bfloat16
@@ -112,8 +119,9 @@ def test_gum1_deep_convs_swapped_with_the_same_weights_and_logits():
     with torch.inference_mode():
         ref, y = net(x), fast(x)
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-4
-    used = {n for n, m in fast.named_modules() if isinstance(m, WinogradConv2d) and m._u is not None}
-    assert len(used) == 8 and not any(n.startswith("backbone.encoder.4") for n in used)  # 16 px: 16 tiles
+    tiles = {n: m.tile for n, m in fast.named_modules() if isinstance(m, WinogradConv2d)}
+    assert len(tiles) == 10  # 16 px (the deepest stage): 16 tiles of 4 x 4, 64 of 2 x 2
+    assert all(t == (2 if n.startswith("backbone.encoder.4") else 4) for n, t in tiles.items()), tiles
 
 
 def test_engine_uses_winograd_for_fp32_on_a_cpu_only_and_never_at_seed_settings():
@@ -125,7 +133,9 @@ def test_engine_uses_winograd_for_fp32_on_a_cpu_only_and_never_at_seed_settings(
     plain = InferenceEngine(model, InferenceSettings(precision="fp32", device="cpu", winograd=False))
     assert plain.winograd_convs == 0
     a, b = fast.predict(x), plain.predict(x)
-    assert sum(m._u is not None for m in fast.model.module.modules() if isinstance(m, WinogradConv2d)) == 4
+    used = [m for m in fast.model.module.modules() if isinstance(m, WinogradConv2d)]
+    assert sorted(m.tile for m in used) == [2, 2, 4, 4, 4, 4]
+    assert all(m.weight is None for m in used)  # the engine's copy holds the transformed filters only
     np.testing.assert_allclose(a.probability, b.probability, atol=1e-4)
     assert (a.label != b.label).mean() < 1e-3
     assert InferenceEngine(model, InferenceSettings.seed(device="cpu")).winograd_convs == 0
@@ -137,6 +147,19 @@ def test_engine_uses_winograd_for_fp32_on_a_cpu_only_and_never_at_seed_settings(
     assert forced.winograd_convs == 6 and forced.folded == 0
     with pytest.raises(InputError, match="winograd"):
         InferenceEngine(model, InferenceSettings(precision="bf16", device="cpu", winograd=True))
+
+
+def test_without_kept_weights_the_direct_path_recovers_them():
+    c = conv(64, 96)
+    wc = WinogradConv2d(c, min_tiles=1, keep_weight=False)
+    with torch.no_grad():
+        x = torch.randn(1, 64, 16, 16)
+        ref = F.conv2d(x.double(), c.weight.double(), c.bias.double(), padding=1)
+        assert relative_error(wc(x), ref) < 5e-5 and wc.tile == 4
+        assert wc.weight is None and "weight" not in wc.state_dict()  # held once, transformed
+        assert (wc.direct_weight() - c.weight).abs().max() <= 1e-6 * c.weight.abs().max()
+        odd = torch.randn(1, 64, 9, 7)  # no tile fits: the direct conv on the recovered weights
+        assert relative_error(wc(odd), F.conv2d(odd.double(), c.weight.double(), c.bias.double(), padding=1)) < 1e-5
 
 
 @pytest.mark.parametrize("flag,expected", [("auto", None), ("on", True), ("off", False)])

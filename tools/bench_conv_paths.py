@@ -4,12 +4,13 @@ best of N, side by side: what the engine could choose from when there is no nati
 
   NCHW (oneDNN)                 the seed's arithmetic (mmseg's layout)
   channels_last + BN folded     gum-ray's layout (with the 1 x 1 upsample convs run first)
-  ... + Winograd                gum-ray's fp32 CPU default: the deep 3 x 3 convs by Winograd F(4x4, 3x3)
+  ... + Winograd                gum-ray's fp32 CPU default: the deep 3 x 3 convs by Winograd
   ... + torch.compile freezing  inductor with frozen weights (oneDNN prepacked convs)
   oneDNN off                    ATen / NNPACK convolutions
 
 ``--layers`` adds, per 3 x 3 convolution of the folded network, its time direct (oneDNN) and by
-Winograd on the input it gets in a 256 x 256 crop, and whether the engine's rule takes it.
+Winograd on the input it gets in a 256 x 256 crop (with the engine's tile where the engine uses
+Winograd, else F(4x4, 3x3)), and what the engine runs.
 
 Run it AVX2-only with ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``
 to see an AVX2 CPU.
@@ -62,10 +63,14 @@ def per_layer(folded: torch.nn.Module, wino: torch.nn.Module, x: torch.Tensor, r
         conv = convs[name]
         xi = torch.rand(shape).contiguous(memory_format=torch.channels_last)
         td, _ = best(conv, xi, repeats)
-        tw, _ = best(WinogradConv2d(conv, min_tiles=1), xi, repeats)
         rule = swapped[name]
-        used = isinstance(rule, WinogradConv2d) and rule._u is not None
-        out.append((name, f"{conv.in_channels}->{conv.out_channels} @{shape[-1]}", td, tw, used))
+        tile = rule.tile if isinstance(rule, WinogradConv2d) else 0
+        trial = WinogradConv2d(conv, min_tiles=1)  # the engine's tile where it uses one, else 4 x 4
+        if tile:
+            trial.prepare(tile)
+        tw, _ = best(trial, xi, repeats)
+        out.append((name, f"{conv.in_channels}->{conv.out_channels} @{shape[-1]}", td, tw,
+                    f"F({tile}x{tile})" if tile else "direct"))
     return out
 
 
@@ -91,7 +96,7 @@ def main() -> int:
     wino = Gum1.from_module(copy.deepcopy(folded.module))
     use_winograd(wino.module)
     tw, yw = best(wino.forward, xcl, args.repeats)
-    rows.append(("+ Winograd F(4x4, 3x3) (fp32 CPU default)", tw, (yw - y0).abs().max().item()))
+    rows.append(("+ Winograd (the fp32 CPU default)", tw, (yw - y0).abs().max().item()))
     layer_rows = per_layer(folded.module, wino.module, xcl, args.repeats) if args.layers else []
     if not args.no_compile:
         import torch._inductor.config as inductor_config
@@ -115,9 +120,8 @@ def main() -> int:
     if layer_rows:
         print(f"{'3 x 3 conv (folded network)':<44} {'in->out @px':>14} {'direct ms':>10} {'Winograd ms':>12} "
               f"{'gain':>6}  engine")
-        for name, shape, td, tw, used in layer_rows:
-            print(f"{name:<44} {shape:>14} {td * 1e3:>10.1f} {tw * 1e3:>12.1f} {td / tw:>6.2f}  "
-                  f"{'Winograd' if used else 'direct'}")
+        for name, shape, td, tw, engine in layer_rows:
+            print(f"{name:<44} {shape:>14} {td * 1e3:>10.1f} {tw * 1e3:>12.1f} {td / tw:>6.2f}  {engine}")
         print(f"{'sum':<44} {'':>14} {sum(r[2] for r in layer_rows) * 1e3:>10.1f} "
               f"{sum(r[3] for r in layer_rows) * 1e3:>12.1f}")
     return 0
