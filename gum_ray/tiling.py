@@ -32,7 +32,7 @@ class InferenceSettings:
     # BN folded into the convs, and folded 1 x 1 upsample convs run before the upsampling
     # (unet.conv_before_upsample); None = with channels_last (all change fp32 rounding vs the seed's)
     fold_bn: bool | None = None
-    # the deep 3 x 3 convs by Winograd F(4 x 4, 3 x 3) (gum_ray.winograd); None = on for fp32 on a
+    # the deep 3 x 3 convs by Winograd (gum_ray.winograd); None = on for fp32 on a
     # CPU where BN is folded (it changes fp32 rounding too) and the network is not compiled; only
     # fp32 on a CPU takes it
     winograd: bool | None = None

@@ -34,8 +34,9 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory layout: auto = channels_last with BatchNorm folded into the convs "
                         "(faster), except at --seed-settings (NCHW, class-exact with mmseg)")
     g.add_argument("--winograd", choices=("auto", "on", "off"), default="auto",
-                   help="fp32 on a CPU: the deep 3 x 3 convolutions by Winograd F(4x4, 3x3), about 1.3x "
-                        "faster on an AVX2 CPU; auto = on where BatchNorm is folded (not at --seed-settings)")
+                   help="fp32 on a CPU: the deep 3 x 3 convolutions by Winograd (4 x 4 or 2 x 2 output "
+                        "tiles), about 1.3x faster on an AVX2 CPU; auto = on where BatchNorm is folded "
+                        "(not at --seed-settings)")
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
