@@ -86,14 +86,17 @@ def test_what_it_does_not_take_goes_to_the_direct_convolution():
             x = torch.randn(1, 16, side, side)
             assert not torch.equal(m(x), c(x)) and m.tile == tile
             assert relative_error(m(x), F.conv2d(x.double(), c.weight.double(), c.bias.double(), padding=1)) < 5e-5
+        fresh = WinogradConv2d(c, min_tiles=1)  # would take 8 x 8 inputs (4 tiles of 4 x 4)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 transforms would lose the precision
-            y = wc(torch.randn(1, 16, 8, 8))
-        assert y.dtype == torch.bfloat16
+            y = fresh(torch.randn(1, 16, 8, 8))
+        assert y.dtype == torch.bfloat16 and fresh._u is None
     x = torch.randn(1, 16, 8, 8, requires_grad=True)  # training: autograd through the direct conv
-    y = wc(x)
-    assert torch.equal(y, c(x))
+    y = fresh(x)
+    assert torch.equal(y, c(x)) and fresh._u is None
     y.sum().backward()
     assert x.grad is not None
+    with torch.no_grad():  # and the same module takes the next plain fp32 input
+        assert not torch.equal(fresh(x), c(x)) and fresh.tile == 4
 
 
 def test_only_plain_3x3_stride_1_convolutions_are_eligible():
