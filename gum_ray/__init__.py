@@ -1,6 +1,13 @@
 """gum-ray: urban areas at 10 m with the GlobalUrbanMapper (GUM) model, from a city to a continent."""
 
+import os as _os
+
 from gum_ray.version import __version__
+
+if _os.environ.get("GUM_RAY_WORKER_SETUP") == "1":  # a worker of a local Ray that gum-ray started
+    from gum_ray.quiet import setup_worker as _setup_worker
+
+    _setup_worker()  # the output rule, as the setup hook applies it where a job has a runtime env
 
 
 def open_product(path, **kwargs):

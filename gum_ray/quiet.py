@@ -10,6 +10,8 @@ one-line errors. So:
   warnings and sets logging to WARNING for everything, unless verbose;
 - :func:`setup_worker` is Ray's ``worker_process_setup_hook``: every Ray worker process of a gum-ray
   job applies the same rule before it runs a task (see :func:`ray_runtime_env`);
+- a local Ray that gum-ray starts gets the same variables through its own environment instead
+  (:func:`local_ray_env`), and its workers apply the rule as they first import gum_ray;
 - verbose (``gum --verbose``, ``-v``, or ``GUM_VERBOSE=1`` in the environment; Ray workers get
   the driver's choice through the job's runtime environment) shows every warning and debug log,
   driver and workers alike.
@@ -19,12 +21,16 @@ gum-ray's own user-facing messages never go through :mod:`warnings`; they are pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 VERBOSE_ENV = "GUM_VERBOSE"
+#: set in the environment of a local Ray's workers (:func:`local_ray_env`): they apply the rule as
+#: they first import gum_ray, the setup hook's job where a job has a runtime env
+WORKER_SETUP_ENV = "GUM_RAY_WORKER_SETUP"
 _verbose: bool | None = None  # set by configure(); None = follow the environment
 
 
@@ -75,3 +81,27 @@ def ray_runtime_env(env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     if not is_verbose():
         passed.setdefault("PYTHONWARNINGS", "ignore")
     return {"env_vars": passed, "worker_process_setup_hook": "gum_ray.quiet.setup_worker"}
+
+
+@contextlib.contextmanager
+def local_ray_env(env_vars: dict[str, str] | None = None) -> Iterator[None]:
+    """While a local Ray starts (``ray.init(address="local")``, without a ``runtime_env``): the
+    variables :func:`ray_runtime_env` would pass on are in this process's environment, so the Ray
+    processes, and every worker, inherit them; the workers apply the output rule as they first
+    import gum_ray (:data:`WORKER_SETUP_ENV`). The environment is restored afterwards.
+
+    Why not a runtime env: Ray gives a job that has one none of the workers it prestarts as the
+    driver connects, so the job's first actors and tasks each wait for a new worker process (2-3 s
+    on a busy 2-core machine, before the first Earth Engine request of a `gum map` run:
+    docs/performance.md); without one, they start on the prestarted workers at once."""
+    passed = dict(ray_runtime_env(env_vars)["env_vars"], **{WORKER_SETUP_ENV: "1"})
+    saved = {k: os.environ.get(k) for k in passed}
+    os.environ.update(passed)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -6,6 +6,7 @@ warnings of mmseg/mmengine, and the stderr Ray relays from its workers, only sho
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -79,3 +80,57 @@ def test_map_prints_no_third_party_warning_from_the_driver_or_the_ray_workers(tm
     assert not third_party_lines(r.stderr), r.stderr
     assert not third_party_lines(r.stdout), r.stdout
     assert (data / "product.zarr").exists()
+
+
+def test_a_local_ray_gets_the_jobs_variables_from_this_process_and_the_environment_is_restored(monkeypatch):
+    from gum_ray import quiet
+
+    monkeypatch.setattr(quiet, "_verbose", None)
+    monkeypatch.setenv("GUM_TEST_PASSED_ON", "yes")
+    monkeypatch.setenv("PYTHONWARNINGS", "default")
+    monkeypatch.delenv(quiet.WORKER_SETUP_ENV, raising=False)
+    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+    before = dict(os.environ)
+    with quiet.local_ray_env():
+        assert os.environ[quiet.WORKER_SETUP_ENV] == "1"
+        assert os.environ["GUM_TEST_PASSED_ON"] == "yes"
+        assert os.environ[quiet.VERBOSE_ENV] == "0"
+        assert os.environ["PYTHONWARNINGS"] == "ignore"  # what the runtime env passed on before
+    assert dict(os.environ) == before
+
+
+@pytest.mark.slow
+def test_the_workers_of_a_local_ray_started_for_a_map_are_quiet_and_see_the_jobs_variables(monkeypatch, tmp_path):
+    """`gum map` on a local Ray: no runtime env (so the job gets Ray's prestarted workers), and yet
+    the workers apply the output rule and see the GUM_* variables, as the setup hook gave them."""
+    import ray
+
+    from gum_ray import quiet
+    from gum_ray.grid import parse_aoi
+    from gum_ray.mapping.job import MapJob
+    from gum_ray.mapping.runner import connect_ray
+
+    monkeypatch.setattr(quiet, "_verbose", None)
+    monkeypatch.setenv("GUM_TEST_PASSED_ON", "yes")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    job = MapJob(aoi=parse_aoi(bbox=(8.571, 47.371, 8.579, 47.379)), years=(2021,), product=str(tmp_path / "p"),
+                 cache=str(tmp_path / "c"))
+    assert not ray.is_initialized()
+    assert connect_ray(None, job)
+    try:
+        @ray.remote(num_cpus=0.25)
+        def probe():
+            import logging
+
+            import gum_ray  # noqa: F401 - what a stage's worker imports first
+
+            return (ray.get_runtime_context().get_runtime_env_string(), os.environ.get("GUM_TEST_PASSED_ON"),
+                    logging.getLogger("rasterio").level, os.environ.get(quiet.WORKER_SETUP_ENV))
+
+        env, passed, rasterio_level, setup = ray.get(probe.remote())
+    finally:
+        ray.shutdown()
+    assert env in ("{}", ""), env  # no runtime env: Ray's prestarted workers serve the job
+    assert passed == "yes" and setup == "1"
+    assert rasterio_level == logging.ERROR  # the output rule ran in the worker (quiet.configure)
+    assert quiet.WORKER_SETUP_ENV not in os.environ  # the driver's environment is as it was

@@ -202,25 +202,27 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
 
     if ray.is_initialized():
         return False
-    from gum_ray.quiet import ray_logging_level, ray_runtime_env
+    from gum_ray.quiet import local_ray_env, ray_logging_level, ray_runtime_env
 
     kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False,
-                              "runtime_env": _job_runtime_env(ray_runtime_env()),
                               "logging_level": ray_logging_level()}
     where = address or os.environ.get("RAY_ADDRESS")
     if where and where not in ("auto", "local"):
         _check_reachable(where)
     try:
         if address:
-            ray.init(address=address, **kwargs)
+            ray.init(address=address, runtime_env=_job_runtime_env(ray_runtime_env()), **kwargs)
         elif os.environ.get("RAY_ADDRESS"):
-            ray.init(**kwargs)
+            ray.init(runtime_env=_job_runtime_env(ray_runtime_env()), **kwargs)
         else:
             # a local Ray keeps idle workers up to its CPU count and kills the rest after a second;
             # the stages' tasks (fetches, writes) and the model actors outnumber 2 CPUs, so workers
             # were killed and restarted (each re-importing gum-ray and re-initialising its source)
             workers = (os.cpu_count() or 1) + job.fetch_concurrency + job.write_concurrency
-            ray.init(address="local", _system_config={"num_workers_soft_limit": workers}, **kwargs)
+            # no runtime env: the workers inherit the job's variables, and the first actors and
+            # fetches take the workers Ray prestarts (local_ray_env)
+            with local_ray_env():
+                ray.init(address="local", _system_config={"num_workers_soft_limit": workers}, **kwargs)
         return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or os.environ.get("RAY_ADDRESS")

@@ -343,11 +343,15 @@ def _run_ray(todo: Sequence[Point], job: PatchJob, checkpoint: str | None, sha: 
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or "local"
-        from gum_ray.quiet import ray_logging_level, ray_runtime_env
+        from gum_ray.quiet import local_ray_env, ray_logging_level, ray_runtime_env
 
-        kwargs = {"include_dashboard": False} if address == "local" else {}
-        ray.init(address=address, log_to_driver=False, runtime_env=ray_runtime_env(),
-                 logging_level=ray_logging_level(), **kwargs)
+        if address == "local":  # its workers inherit the job's variables (prestarted workers serve it)
+            with local_ray_env():
+                ray.init(address=address, log_to_driver=False, logging_level=ray_logging_level(),
+                         include_dashboard=False)
+        else:
+            ray.init(address=address, log_to_driver=False, runtime_env=ray_runtime_env(),
+                     logging_level=ray_logging_level())
     remote = ray.remote(num_cpus=1, max_retries=2)(_safe_make_patch)
     job_ref = ray.put(job)
     limiter = make_limiter()  # cluster-wide now that Ray is up; held here for the whole run
