@@ -384,7 +384,15 @@ class InferenceEngine:
         x = torch.empty((self.in_channels, h, w), dtype=torch.float32, device=self.device)
         valid = torch.empty((h, w), dtype=torch.bool, device=self.device)
         tables = self._code_tables()
-        index = None if tables is None else torch.empty((rows_per_block, w), dtype=torch.int32, device=self.device)
+        # a per-band family: per part, the table entries of the bands its channels read (one
+        # int32 pass each), then one lookup per channel; no float export in between
+        reads: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+        for c, (part, band) in enumerate(self._sources):
+            reads[part].append((c, band))
+        index = {} if tables is None else {
+            part: torch.empty((max(b for _, b in cb) - min(b for _, b in cb) + 1, rows_per_block, w),
+                              dtype=torch.int32, device=self.device) for part, cb in reads.items()}
+        s2_valid = torch.empty((rows_per_block, w), dtype=torch.uint8, device=self.device)
         with torch.inference_mode():
             for a in range(0, h, rows_per_block):
                 rows = slice(a, min(a + rows_per_block, h))
@@ -393,13 +401,17 @@ class InferenceEngine:
                     valid[rows] = self.model.validity(export)
                     x[:, rows] = self.model.preprocess(export)
                     continue
-                # a per-band family: one lookup per channel, no float export in between
-                for c, (part, band) in enumerate(self._sources):
+                n = rows.stop - rows.start
+                for part, chans in reads.items():
+                    first = min(b for _, b in chans)
+                    bands = slice(first, first + len(index[part]))
                     mask = dev.get(part + "_mask")
-                    i = code_index(dev[part][band, rows], None if mask is None else mask[band, rows],
-                                   out=index[: rows.stop - rows.start])
-                    torch.index_select(tables[c], 0, i.view(-1), out=x[c, rows].view(-1))
-                torch.all(dev["s2_mask"][:, rows] != 0, dim=0, out=valid[rows])
+                    i = code_index(dev[part][bands, rows], None if mask is None else mask[bands, rows],
+                                   out=index[part][:, :n])
+                    for c, band in chans:
+                        torch.index_select(tables[c], 0, i[band - first].view(-1), out=x[c, rows].view(-1))
+                # GUM 1's validity: every Sentinel-2 band present, i.e. the least mask byte is not 0
+                torch.ne(torch.amin(dev["s2_mask"][:, rows], dim=0, out=s2_valid[:n]), 0, out=valid[rows])
         self.stage_s["decode+preprocess"] += time.perf_counter() - t
         return x, valid
 
