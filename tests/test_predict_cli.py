@@ -187,3 +187,21 @@ def test_winograd_on_outside_fp32_on_a_cpu_is_one_clear_line(tmp_path, ckpt, cap
     assert err[0] == ("gum: error: --winograd on takes fp32 on a CPU only; use --precision fp32 with "
                       "--device cpu, or leave it on auto")
     assert list(out.iterdir()) == []
+
+
+def test_the_console_script_exits_with_the_commands_code_after_freezing_the_collector(monkeypatch):
+    """`gum` (gum_ray.cli.run): main's exit code, and gc.freeze() first (the interpreter's last
+    collections would walk every object torch made, 0.7 s per command); main() itself, what tests
+    and library users call, freezes nothing."""
+    import gc
+
+    from gum_ray import cli
+
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(cli, "main", lambda argv=None: calls.append("main") or 3)
+    with pytest.raises(SystemExit) as exc:
+        cli.run()
+    assert exc.value.code == 3
+    assert calls == ["main", "freeze"]
+    assert gc.get_freeze_count() == 0  # nothing frozen in this process
