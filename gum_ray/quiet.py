@@ -13,7 +13,8 @@ one-line errors. So:
 - a local Ray that gum-ray starts gets the same variables through its own environment instead
   (:func:`local_ray_env`), and its workers apply the rule as they first import gum_ray;
 - verbose (``gum --verbose``, ``-v``, or ``GUM_VERBOSE=1`` in the environment; Ray workers get
-  the driver's choice through the job's runtime environment) shows every warning and debug log,
+  the driver's choice through the job's runtime environment, or a local Ray's own environment)
+  shows every warning and debug log,
   driver and workers alike.
 
 gum-ray's own user-facing messages never go through :mod:`warnings`; they are printed lines.
