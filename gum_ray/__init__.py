@@ -2,9 +2,10 @@
 
 import os as _os
 
+from gum_ray.quiet import WORKER_SETUP_ENV as _WORKER_SETUP_ENV
 from gum_ray.version import __version__
 
-if _os.environ.get("GUM_RAY_WORKER_SETUP") == "1":  # a worker of a local Ray that gum-ray started
+if _os.environ.get(_WORKER_SETUP_ENV) == "1":  # a worker of a local Ray that gum-ray started
     from gum_ray.quiet import setup_worker as _setup_worker
 
     _setup_worker()  # the output rule, as the setup hook applies it where a job has a runtime env

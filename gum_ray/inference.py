@@ -389,10 +389,11 @@ class InferenceEngine:
         reads: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
         for c, (part, band) in enumerate(self._sources):
             reads[part].append((c, band))
-        index = {} if tables is None else {
-            part: torch.empty((max(b for _, b in cb) - min(b for _, b in cb) + 1, rows_per_block, w),
-                              dtype=torch.int32, device=self.device) for part, cb in reads.items()}
-        s2_valid = torch.empty((rows_per_block, w), dtype=torch.uint8, device=self.device)
+        spans = {part: slice(min(b for _, b in cb), max(b for _, b in cb) + 1) for part, cb in reads.items()}
+        if tables is not None:
+            index = {part: torch.empty((sp.stop - sp.start, rows_per_block, w), dtype=torch.int32, device=self.device)
+                     for part, sp in spans.items()}
+            s2_valid = torch.empty((rows_per_block, w), dtype=torch.uint8, device=self.device)
         with torch.inference_mode():
             for a in range(0, h, rows_per_block):
                 rows = slice(a, min(a + rows_per_block, h))
@@ -403,13 +404,12 @@ class InferenceEngine:
                     continue
                 n = rows.stop - rows.start
                 for part, chans in reads.items():
-                    first = min(b for _, b in chans)
-                    bands = slice(first, first + len(index[part]))
+                    bands = spans[part]
                     mask = dev.get(part + "_mask")
                     i = code_index(dev[part][bands, rows], None if mask is None else mask[bands, rows],
                                    out=index[part][:, :n])
                     for c, band in chans:
-                        torch.index_select(tables[c], 0, i[band - first].view(-1), out=x[c, rows].view(-1))
+                        torch.index_select(tables[c], 0, i[band - bands.start].view(-1), out=x[c, rows].view(-1))
                 # GUM 1's validity: every Sentinel-2 band present, i.e. the least mask byte is not 0
                 torch.ne(torch.amin(dev["s2_mask"][:, rows], dim=0, out=s2_valid[:n]), 0, out=valid[rows])
         self.stage_s["decode+preprocess"] += time.perf_counter() - t

@@ -223,7 +223,7 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
             # fetches take the workers Ray prestarts (local_ray_env)
             with local_ray_env():
                 ray.init(address="local", _system_config={"num_workers_soft_limit": workers}, **kwargs)
-            _start_workers(1 + (job.infer_actors or 1) + job.fetch_concurrency)  # limiter, actors, fetches
+            _start_workers(1 + _actor_count(job) + job.fetch_concurrency)  # limiter, actors, fetches
         return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or os.environ.get("RAY_ADDRESS")
@@ -231,6 +231,15 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
             f"cannot reach the Ray cluster at {where} ({str(exc).splitlines()[0][:160]}); start it "
             "(`ray start --head`) or leave --ray-address out to run on a local Ray"
         ) from None
+
+
+def _actor_count(job: MapJob) -> int:
+    """The model actors of a run on the connected cluster: ``--infer-actors``, else one per GPU,
+    else one (a CPU actor)."""
+    import ray
+
+    n_gpus = float(ray.cluster_resources().get("GPU", 0))
+    return job.infer_actors or (int(n_gpus) if n_gpus >= 1 else 1)
 
 
 def _start_workers(n: int, hold_s: float = 0.5) -> None:
@@ -578,7 +587,7 @@ def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> N
     import ray
 
     n_gpus = float(ray.cluster_resources().get("GPU", 0))
-    n_actors = job.infer_actors or (int(n_gpus) if n_gpus >= 1 else 1)
+    n_actors = _actor_count(job)
     gum_fetch, gum_write, GumInferActor = _remote_stages(job, n_gpus)
     job_ref = ray.put(job)
     # torch threads = the CPUs the actor holds: more would oversubscribe the cores that the fetch
