@@ -102,9 +102,11 @@ class CellPredictor:
     """The model and the inference engine for one worker; predicts cached cells.
 
     The device path (DESIGN decision 13): a cell's compact integers are read from the cache and
-    decompressed on a worker thread (the next cell's while this one runs), uploaded once, and
-    decoded, preprocessed, cut, blended and thresholded on the engine's device; only P(urban) as
-    float16 comes back. Crops of several cells share batches (:meth:`predict_cells`).
+    decompressed on reader threads (the next cells' while this one runs: one thread on a CPU
+    device, whose cores run the network; up to :data:`GPU_READERS` beside a GPU, decompressing
+    straight into pinned memory), uploaded once, and decoded, preprocessed, cut, blended and
+    thresholded on the engine's device; only P(urban) as float16 comes back. Crops of several
+    cells share batches (:meth:`predict_cells`).
 
     The checkpoint may be a ``gs://`` object: it is fetched once per node into the local cache and
     checked against ``sha256`` (the driver's). A checkpoint that cannot be loaded does not kill the
@@ -115,7 +117,8 @@ class CellPredictor:
                  sha256: str | None = None):
         self.job = job
         self.error: BaseException | None = None
-        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gum-cache-read")
+        self.readers = 1
+        self._alloc = None
         try:
             import torch
 
@@ -129,8 +132,14 @@ class CellPredictor:
             self.engine = InferenceEngine(load_model(local_checkpoint(checkpoint, sha256), family=job.model),
                                           job.inference)
             self.model = self.engine.model
+            if self.engine.device.type == "cuda":  # the host only decompresses: several cells at once
+                import os
+
+                self.readers = max(1, min(GPU_READERS, os.cpu_count() or 1))
+                self._alloc = pinned_empty
         except Exception as exc:  # noqa: BLE001 - reported by ready()
             self.error = exc
+        self._reader = concurrent.futures.ThreadPoolExecutor(self.readers, thread_name_prefix="gum-cache-read")
 
     def ready(self) -> dict[str, Any]:
         """Raise the loading error, if any; else run the network once (a warm-up) and say so."""
@@ -160,7 +169,9 @@ class CellPredictor:
             raise self.error
         cache = self.job.imagery_cache()
         todo = [self.job.cell(r, c) for r, c in cells]
-        reads = collections.deque([self._reader.submit(self._read, cache, year, todo[0])]) if todo else None
+        # the first cells' reads start now; each cell taken starts the read of the next one not asked
+        reads = collections.deque(self._reader.submit(self._read, cache, year, c, self._alloc)
+                                  for c in todo[: self.readers])
         meta: dict[int, tuple] = {}
         out: list[Prediction | StageFailed] = [None] * len(todo)  # type: ignore[list-item]
 
@@ -168,8 +179,8 @@ class CellPredictor:
             for i, cell in enumerate(todo):
                 t0 = time.perf_counter()
                 read = reads.popleft()
-                if i + 1 < len(todo):  # decompress the next cell while this one runs
-                    reads.append(self._reader.submit(self._read, cache, year, todo[i + 1]))
+                if i + self.readers < len(todo):  # decompress the next cells while this one runs
+                    reads.append(self._reader.submit(self._read, cache, year, todo[i + self.readers], self._alloc))
                 try:
                     parts, geobox, provenance, read_s = read.result()
                     check_compatible(self.model, "products" in parts, what=f"the cached imagery of cell {cell.id}")
@@ -208,10 +219,23 @@ class CellPredictor:
         return res[0] if len(res) == 1 else tuple(res)
 
     @staticmethod
-    def _read(cache, year: int, cell) -> tuple:
+    def _read(cache, year: int, cell, alloc=None) -> tuple:
         t = time.perf_counter()
-        parts, geobox, provenance = cache.get_compact(year, cell)
+        parts, geobox, provenance = cache.get_compact(year, cell, alloc)
         return parts, geobox, provenance, time.perf_counter() - t
+
+
+#: reader threads of a model actor beside a GPU (each decompresses one cell at a time)
+GPU_READERS = 4
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised numpy array in page-locked (pinned) host memory: decompressed into, it is
+    uploaded to the GPU by DMA with no staging copy (``Tensor.pin_memory`` returns it as it is)."""
+    import torch
+
+    t = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
+    return t.numpy()
 
 
 def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction,

@@ -17,9 +17,10 @@ Earth Engine quota twice. :meth:`ImageryCache.put` takes and :meth:`ImageryCache
         zarr.json attributes                 geobox (CRS WKT, affine, shape), provenance,
                                              band names, "complete": true (written last)
 
-Each array is one shard (one object) of inner chunks of 512 whole rows, so a cell costs about 7
-objects and a reader can fetch a block of rows (entries written before issue 14 have 512 x 512 px
-inner chunks; Zarr reads both). ``has`` is true only once the group's attributes say
+Each array is one shard (one object) of inner chunks of one band and 512 whole rows, so a cell
+costs about 7 objects, a reader can fetch a block of rows, and each inner chunk decompresses in
+place into the array it is read into (:mod:`gum_ray.store.shards`; entries written earlier have
+inner chunks of all bands and 512 rows, or 512 x 512 px: the same reader, or Zarr, reads them). ``has`` is true only once the group's attributes say
 ``complete`` (written after every array), so a half-written entry is never used.
 
 A mapping job deletes a cell's entry once the cell is committed unless it keeps the cache
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -40,6 +41,7 @@ from gum_ray.errors import InputError
 from gum_ray.grid import Cell, geobox_from_dict, geobox_to_dict
 from gum_ray.imagery import COMPACT_PARTS, Imagery
 from gum_ray.store import fs
+from gum_ray.store.shards import read_array
 from gum_ray.version import __version__
 
 CACHE_MARKER = "gum_imagery_cache.json"
@@ -128,9 +130,10 @@ class ImageryCache:
                 continue
             arr = np.ascontiguousarray(parts[name])
             nb, h, w = arr.shape
-            # inner chunks of whole rows: a model actor reads whole cells, and full-width chunks
-            # decompress about 1.9x faster through Zarr than 512 x 512 ones (tools/bench_host.py)
-            ch = (nb, min(INNER_CHUNK, h), w)
+            # inner chunks of one band and whole rows: a model actor reads whole cells, and each
+            # such chunk is one contiguous block of the array it is read into, so it decompresses
+            # in place (gum_ray.store.shards), with no copy (docs/performance.md)
+            ch = (1, min(INNER_CHUNK, h), w)
             shard = (nb, -(-h // ch[1]) * ch[1], w)
             z = g.create_array(
                 name, shape=arr.shape, dtype=arr.dtype, chunks=ch, shards=shard,
@@ -158,20 +161,37 @@ class ImageryCache:
         parts, geobox, provenance = self.get_compact(year, cell)
         return Imagery.from_compact(parts, geobox, provenance)
 
-    def get_compact(self, year: int, cell: Cell) -> tuple[dict[str, np.ndarray], Any, dict[str, Any]]:
+    def get_compact(self, year: int, cell: Cell, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None
+                    ) -> tuple[dict[str, np.ndarray], Any, dict[str, Any]]:
         """The cached entry of (year, cell) as stored: its compact integer parts
         (:data:`~gum_ray.imagery.COMPACT_PARTS`, decompressed, not decoded), GeoBox and provenance.
 
         What a model actor uploads to its device (:meth:`gum_ray.inference.InferenceEngine.prepare_compact`).
+        Each part is one object read and decompressed in place (:func:`gum_ray.store.shards.read_array`,
+        into ``alloc(shape, dtype)`` if given), or through Zarr for a layout that reader does not take.
         :class:`InputError` if it is not cached (completely).
         """
-        if not self.has(year, cell):
+        path = self.path(year, cell)
+        try:
+            attrs = json.loads(fs.read_bytes(fs.join(path, "zarr.json"))).get("attributes", {})
+        except FileNotFoundError:
+            attrs = {}
+        if not (attrs.get("complete") and attrs.get("encoding_version") == COMPACT_ENCODING_VERSION):
             raise InputError(
                 f"imagery for year {year}, cell {cell.id} is not in the cache {self.root}; fetch it first"
             )
-        g = self._group(year, cell, "r")
-        attrs = dict(g.attrs)
-        parts = {name: np.asarray(g[name][...]) for name in COMPACT_PARTS if name in g}
+        present = set(fs.list_names(path))
+        parts: dict[str, np.ndarray] = {}
+        for name in COMPACT_PARTS:
+            if name not in present:
+                continue
+            try:
+                a = read_array(fs.join(path, name), alloc)
+            except FileNotFoundError:  # its zarr.json is gone: a deletion cut short (below)
+                continue
+            if a is None:  # a layout the direct reader does not take: Zarr reads it
+                a = np.asarray(self._group(year, cell, "r")[name][...])
+            parts[name] = a
         missing = [n for n in ("s2", "s2_mask", "s1", "s1_mask", "terrain", "terrain_mask") if n not in parts]
         if missing:
             # marked complete but a part is gone (its deletion was cut short): never used; removed,

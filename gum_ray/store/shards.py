@@ -1,0 +1,167 @@
+"""Read a Zarr v3 array stored as one shard of zstd inner chunks, as the imagery cache writes it,
+decoding each inner chunk straight into its place in the result.
+
+Why not zarr-python's own read: its synchronous API runs every read on one event loop and hands
+each inner chunk's codecs to ``asyncio.to_thread``, so two threads reading two cells at once are
+no faster than one (zarr-python issue #4293), and each chunk is decoded into a buffer of its own
+and then copied. A model actor on a GPU node needs several reader threads, each decompressing a
+cell while the device runs (DESIGN decision 13; ``docs/performance.md``). Here one read is one
+object GET, and numcodecs' zstd (which releases the GIL) writes every inner chunk of one band
+and whole rows (the cache's layout since issue 14) directly into the array it returns.
+
+Only the exact layout described below is read here; for anything else (another codec, another
+index location, more than one shard, a chunk key encoding other than the default)
+:func:`read_array` returns None and the caller reads with zarr. The shard index's CRC32C is
+checked, and every offset against the object's size: a damaged object raises
+:class:`CorruptShard`, never returns wrong pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from gum_ray.store import fs
+
+#: an inner chunk that holds only the fill value is not stored; its index entry is (2**64-1, 2**64-1)
+EMPTY = 2**64 - 1
+_DTYPES = {"uint8", "uint16", "int16", "int32", "uint32", "float32"}
+
+
+class CorruptShard(ValueError):
+    """A shard object whose index or chunks do not agree with its metadata."""
+
+
+def _is(codec: Any, name: str, **config: Any) -> bool:
+    if not isinstance(codec, dict) or codec.get("name") != name:
+        return False
+    got = codec.get("configuration") or {}
+    return all(got.get(k, v) == v for k, v in config.items()) and set(got) <= set(config) | {"checksum"}
+
+
+def layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], np.dtype, Any, tuple[int, ...], tuple[int, ...]] | None:
+    """(shape, dtype, fill value, inner chunk shape, inner chunks per axis of the shard) of an array's
+    ``zarr.json`` if it is one shard of ``bytes`` (little endian) + ``zstd`` inner chunks with a
+    ``bytes`` + ``crc32c`` index at the end, under the default chunk key encoding; else None."""
+    try:
+        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or meta.get("storage_transformers"):
+            return None
+        if meta.get("data_type") not in _DTYPES:
+            return None
+        shape = tuple(int(s) for s in meta["shape"])
+        grid = meta["chunk_grid"]
+        keys = meta.get("chunk_key_encoding", {})
+        if grid.get("name") != "regular" or keys.get("name") != "default" or \
+                (keys.get("configuration") or {}).get("separator", "/") != "/":
+            return None
+        shard = tuple(int(s) for s in grid["configuration"]["chunk_shape"])
+        codecs = meta["codecs"]
+        if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+            return None
+        cfg = codecs[0]["configuration"]
+        inner = tuple(int(s) for s in cfg["chunk_shape"])
+        if not (len(shape) == len(shard) == len(inner) and all(a <= b for a, b in zip(shape, shard))):
+            return None  # more than one shard
+        if any(b % c for b, c in zip(shard, inner)) or min(inner) < 1:
+            return None
+        inner_codecs = cfg["codecs"]
+        if len(inner_codecs) != 2 or not _is(inner_codecs[0], "bytes", endian="little") or \
+                inner_codecs[1].get("name") != "zstd":
+            return None
+        index_codecs = cfg.get("index_codecs")
+        if len(index_codecs) != 2 or not _is(index_codecs[0], "bytes", endian="little") or \
+                not _is(index_codecs[1], "crc32c"):
+            return None
+        if cfg.get("index_location", "end") != "end":
+            return None
+        fill = meta.get("fill_value", 0)
+        if not isinstance(fill, (int, float)) or isinstance(fill, bool):
+            return None
+        return shape, np.dtype(meta["data_type"]).newbyteorder("<"), fill, inner, \
+            tuple(b // c for b, c in zip(shard, inner))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def read_array(path: str, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None
+               ) -> np.ndarray | None:
+    """The array stored at ``path`` (a Zarr v3 array's folder, local or ``gs://``), or None if its
+    layout is not the one read here (:func:`layout`). ``alloc(shape, dtype)`` gives the array to
+    fill (default ``np.empty``; e.g. pinned memory for a GPU upload)."""
+    meta = json.loads(fs.read_bytes(fs.join(path, "zarr.json")))
+    spec = layout(meta)
+    if spec is None:
+        return None
+    shape, dtype, fill, inner, grid = spec
+    out = (alloc or np.empty)(shape, dtype)
+    try:
+        raw = fs.read_bytes(fs.join(path, "c", *(["0"] * len(shape))))
+    except FileNotFoundError:  # nothing but the fill value was written
+        out[...] = fill
+        return out
+    decode_into(raw, out, inner, grid, fill, what=path)
+    return out
+
+
+def decode_into(raw: bytes, out: np.ndarray, inner: tuple[int, ...], shard_grid: tuple[int, ...], fill: Any,
+                what: str = "shard") -> None:
+    """Decode the shard ``raw`` (inner chunks of shape ``inner``, ``shard_grid`` of them per axis,
+    indexed in C order) into ``out`` (the array, whose shape the shard covers)."""
+    import google_crc32c
+    import numcodecs
+
+    n = math.prod(shard_grid)
+    size = len(raw)
+    if size < 16 * n + 4:
+        raise CorruptShard(f"{what}: shard of {size} bytes is shorter than its index")
+    view = memoryview(raw)
+    index = view[size - 16 * n - 4 : size - 4]
+    if np.uint32(google_crc32c.value(bytes(index))).tobytes() != bytes(view[size - 4 :]):
+        raise CorruptShard(f"{what}: the shard index's checksum does not match (a damaged object)")
+    entries = np.frombuffer(index, "<u8").reshape(n, 2)
+    grid = [-(-s // c) for s, c in zip(out.shape, inner)]  # inner chunks that hold array pixels
+    zstd = numcodecs.Zstd()
+    whole = math.prod(inner) * out.dtype.itemsize
+    for k, (offset, nbytes) in enumerate(entries.tolist()):
+        pos = np.unravel_index(k, shard_grid)
+        if any(p >= g for p, g in zip(pos, grid)):  # inside the shard, outside the array
+            continue
+        region = tuple(slice(p * c, min((p + 1) * c, s)) for p, c, s in zip(pos, inner, out.shape))
+        dst = out[region]
+        if offset == EMPTY and nbytes == EMPTY:
+            dst[...] = fill
+            continue
+        if offset + nbytes > size - 16 * n - 4:
+            raise CorruptShard(f"{what}: inner chunk {k} lies outside the shard's data")
+        blob = view[offset : offset + nbytes]
+        try:
+            # one band, whole rows: decoded in place, when its frame says it fills the block exactly
+            # (zstd would fill a larger destination's start and leave the rest as it was)
+            if dst.flags.c_contiguous and dst.nbytes == whole and frame_content_size(blob) == whole:
+                zstd.decode(blob, out=dst)
+                continue
+            chunk = np.frombuffer(zstd.decode(blob), out.dtype)
+        except (RuntimeError, ValueError) as exc:  # numcodecs: "Zstd decompression error: ..."
+            raise CorruptShard(f"{what}: inner chunk {k}: {exc}") from None
+        if chunk.size != math.prod(inner):
+            raise CorruptShard(f"{what}: inner chunk {k} decodes to {chunk.size} values, not {math.prod(inner)}")
+        dst[...] = chunk.reshape(inner)[tuple(slice(0, r.stop - r.start) for r in region)]
+
+
+def frame_content_size(frame: memoryview | bytes) -> int | None:
+    """The decompressed size a zstd frame's header declares (RFC 8878, 3.1.1.1), or None when the
+    header does not carry it or is not a zstd frame's."""
+    head = bytes(frame[:18])
+    if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = head[4]
+    fcs_flag, single_segment, did_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    at = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[did_flag]
+    width = (1 if single_segment else 0) if fcs_flag == 0 else (2, 4, 8)[fcs_flag - 1]
+    if width == 0 or len(head) < at + width:
+        return None
+    value = int.from_bytes(head[at : at + width], "little")
+    return value + 256 if width == 2 else value

@@ -1,0 +1,175 @@
+"""The imagery cache's own shard reader (gum_ray.store.shards): the same arrays as Zarr reads, for
+every layout it takes; Zarr for any other; a damaged object is an error, never wrong pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from gum_ray.bands import encode_compact
+from gum_ray.grid import ProductGrid
+from gum_ray.imagery import Imagery
+from gum_ray.store import fs
+from gum_ray.store.cache import ImageryCache
+from gum_ray.store.shards import CorruptShard, read_array
+
+from tests.test_store_cache import fake_export
+
+GRID = ProductGrid(cell_deg=0.01, chunk_px=40)
+
+
+def write(path: str, a: np.ndarray, inner, shard=None, compressors=None, fill=0):
+    shard = shard or tuple(-(-s // c) * c for s, c in zip(a.shape, inner))
+    g = zarr.open_group(fs.zarr_store(path), mode="w", zarr_format=3)
+    z = g.create_array("a", shape=a.shape, dtype=a.dtype, chunks=inner, shards=shard, fill_value=fill,
+                       compressors=compressors or [ZstdCodec(level=3)])
+    z[...] = a
+    return fs.join(path, "a"), z
+
+
+def sample(shape=(3, 23, 17), dtype=np.uint16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 3000, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("inner", [(1, 5, 17), (3, 5, 17), (2, 8, 8), (1, 23, 17), (3, 4, 5)])
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8])
+def test_same_as_zarr_for_every_inner_chunk_layout(tmp_path, inner, dtype):
+    """One band and whole rows (decoded in place), several bands, square chunks, partial last
+    chunks on every axis (decoded, then copied): equal to Zarr's read, value for value."""
+    a = sample(dtype=dtype)
+    path, z = write(str(tmp_path / "g"), a, inner)
+    got = read_array(path)
+    assert got is not None and got.dtype == a.dtype and got.shape == a.shape
+    np.testing.assert_array_equal(got, a)
+    np.testing.assert_array_equal(got, z[...])
+
+
+def test_fill_value_chunks_and_missing_shard(tmp_path):
+    """Inner chunks holding only the fill value are not stored (index entry 2**64-1): they read as
+    the fill value; so does an array with no shard object at all."""
+    a = sample()
+    a[:, 5:10] = 7  # one row block of fill value in every band
+    path, z = write(str(tmp_path / "g"), a, (1, 5, 17), fill=7)
+    np.testing.assert_array_equal(read_array(path), a)
+    empty = np.full((2, 9, 4), 7, np.uint16)
+    path, _ = write(str(tmp_path / "h"), empty, (1, 5, 4), fill=7)
+    assert not fs.exists(fs.join(path, "c", "0", "0", "0"))
+    np.testing.assert_array_equal(read_array(path), empty)
+
+
+def test_other_layouts_are_left_to_zarr(tmp_path):
+    a = sample()
+    path, _ = write(str(tmp_path / "b"), a, (1, 5, 17), compressors=[BloscCodec(cname="lz4")])
+    assert read_array(path) is None
+    path, _ = write(str(tmp_path / "m"), a, (1, 5, 17), shard=(1, 10, 17))  # several shards
+    assert read_array(path) is None
+
+
+def test_damaged_objects_raise(tmp_path):
+    a = sample()
+    path, _ = write(str(tmp_path / "g"), a, (1, 5, 17))
+    obj = fs.join(path, "c", "0", "0", "0")
+    good = fs.read_bytes(obj)
+    for name, bad in [("index", good[:-10] + bytes([good[-10] ^ 1]) + good[-9:]),  # the index's checksum
+                      ("truncated", good[-40:]),
+                      ("chunk", b"\x00" * 64 + good[64:])]:  # a chunk's zstd frame broken
+        fs.write_bytes(obj, bad)
+        with pytest.raises(CorruptShard):
+            read_array(path)
+    fs.write_bytes(obj, good)
+    np.testing.assert_array_equal(read_array(path), a)
+
+
+def test_the_cache_reads_its_own_layout_directly_and_older_entries_too(store_root):
+    """A new entry is one band and 512 whole rows per inner chunk, and every part is read without
+    Zarr (local and gs://); an entry in the layout before (all bands per chunk) or one another tool
+    wrote with another codec reads the same."""
+    cache = ImageryCache(store_root)
+    cell = GRID.cell_at(13.41, 52.51)
+    gbox = cell.utm_geobox(halo_px=16)
+    export = fake_export((gbox.shape.y, gbox.shape.x))
+    cache.put(2020, cell, Imagery.from_export(export, gbox))
+    want = encode_compact(export)
+    path = cache.path(2020, cell)
+    for name in want:
+        meta = zarr.open_array(fs.zarr_store(fs.join(path, name)), mode="r")
+        assert meta.metadata.codecs[0].chunk_shape[0] == 1  # one band per inner chunk
+        np.testing.assert_array_equal(read_array(fs.join(path, name)), want[name])
+    allocs = []
+
+    def alloc(shape, dtype):
+        allocs.append((shape, dtype))
+        return np.empty(shape, dtype)
+
+    parts, got_box, _ = cache.get_compact(2020, cell, alloc)
+    assert got_box == gbox and len(allocs) == len(want)
+    for name, v in want.items():
+        np.testing.assert_array_equal(parts[name], v)
+    # rewrite two parts as older gum-ray (all bands per chunk) and another codec would have
+    g = zarr.open_group(fs.zarr_store(path), mode="r+", zarr_format=3)
+    for name, codec in (("s2", ZstdCodec(level=3)), ("s1", BloscCodec(cname="lz4"))):
+        nb, h, w = want[name].shape
+        del g[name]
+        z = g.create_array(name, shape=(nb, h, w), dtype=want[name].dtype, chunks=(nb, 512, w),
+                           shards=(nb, -(-h // 512) * 512, w), fill_value=0, compressors=[codec])
+        z[...] = want[name]
+    parts, _, _ = cache.get_compact(2020, cell)
+    for name, v in want.items():
+        np.testing.assert_array_equal(parts[name], v)
+    assert read_array(fs.join(path, "s1")) is None  # blosc: read by Zarr
+
+
+def test_a_damaged_cache_entry_is_an_error_not_pixels(tmp_path):
+    cache = ImageryCache(str(tmp_path / "c"))
+    cell = GRID.cell_at(13.41, 52.51)
+    gbox = cell.utm_geobox(halo_px=16)
+    cache.put(2020, cell, Imagery.from_export(fake_export((gbox.shape.y, gbox.shape.x)), gbox))
+    obj = fs.join(cache.path(2020, cell), "s2", "c", "0", "0", "0")
+    fs.write_bytes(obj, fs.read_bytes(obj)[:-5] + b"\xff" * 5)
+    with pytest.raises(CorruptShard, match="checksum"):
+        cache.get_compact(2020, cell)
+
+
+def shard_of(frames: list[bytes]) -> bytes:
+    """A shard object as Zarr writes one: the chunks, then their (offset, size) index and its CRC32C."""
+    import google_crc32c
+
+    index, at = [], 0
+    for f in frames:
+        index += [at, len(f)]
+        at += len(f)
+    body = np.asarray(index, "<u8").tobytes()
+    return b"".join(frames) + body + np.uint32(google_crc32c.value(body)).tobytes()
+
+
+def test_a_chunk_of_the_wrong_size_is_an_error_not_stale_memory():
+    """A frame that decodes to fewer (or more) values than its inner chunk holds: an error, never
+    a block left as the destination's memory was."""
+    import numcodecs
+
+    from gum_ray.store.shards import decode_into
+
+    zstd = numcodecs.Zstd()
+    good = np.arange(20, dtype=np.uint16).reshape(1, 4, 5)
+    out = np.full((1, 4, 5), 9, np.uint16)
+    decode_into(shard_of([zstd.encode(good)]), out, (1, 4, 5), (1, 1, 1), 0)
+    np.testing.assert_array_equal(out, good)
+    for wrong in (good.ravel()[:10], np.arange(30, dtype=np.uint16)):
+        out = np.full((1, 4, 5), 9, np.uint16)
+        with pytest.raises(CorruptShard, match="decodes to"):
+            decode_into(shard_of([zstd.encode(np.ascontiguousarray(wrong))]), out, (1, 4, 5), (1, 1, 1), 0)
+
+
+@pytest.mark.parametrize("level", [1, 3, 19])
+def test_frame_content_size_reads_every_header_width(level):
+    import numcodecs
+
+    from gum_ray.store.shards import frame_content_size
+
+    zstd = numcodecs.Zstd(level=level)
+    for n in (0, 1, 255, 256, 65791, 65792, 1 << 20):
+        assert frame_content_size(zstd.encode(np.zeros(n, np.uint8))) == n
+    assert frame_content_size(b"not a zstd frame") is None
