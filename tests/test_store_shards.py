@@ -173,3 +173,35 @@ def test_frame_content_size_reads_every_header_width(level):
     for n in (0, 1, 255, 256, 65791, 65792, 1 << 20):
         assert frame_content_size(zstd.encode(np.zeros(n, np.uint8))) == n
     assert frame_content_size(b"not a zstd frame") is None
+
+
+@pytest.mark.parametrize("pin", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="pinned memory needs a CUDA GPU"))])
+def test_a_model_actor_reads_into_tensors_it_hands_to_the_engine(tmp_path, pin):
+    """The actor decompresses into memory owned by torch tensors (pinned beside a GPU) and gives
+    the engine those tensors, whose allocation an asynchronous upload can hold; a part Zarr reads
+    is handed over as the array it is."""
+    import torch
+
+    from gum_ray.mapping.stages import CellPredictor
+
+    cache = ImageryCache(str(tmp_path / "c"))
+    cell = GRID.cell_at(13.41, 52.51)
+    gbox = cell.utm_geobox(halo_px=16)
+    export = fake_export((gbox.shape.y, gbox.shape.x))
+    cache.put(2020, cell, Imagery.from_export(export, gbox))
+    want = encode_compact(export)
+    g = zarr.open_group(fs.zarr_store(cache.path(2020, cell)), mode="r+", zarr_format=3)
+    del g["s1"]
+    z = g.create_array("s1", shape=want["s1"].shape, dtype="int16", chunks=(1, 64, 64), compressors=[BloscCodec()])
+    z[...] = want["s1"]
+    parts, tensors, got_box, _, read_s = CellPredictor._read(cache, 2020, cell, pin)
+    assert got_box == gbox and read_s > 0 and set(parts) == set(tensors) == set(want)
+    for name, v in want.items():
+        np.testing.assert_array_equal(parts[name], v)
+        if name == "s1":  # read by Zarr: the array itself
+            assert tensors[name] is parts[name]
+            continue
+        t = tensors[name]
+        assert isinstance(t, torch.Tensor) and t.is_pinned() == pin
+        assert t.data_ptr() == parts[name].ctypes.data  # the same memory, no copy

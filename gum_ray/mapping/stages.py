@@ -118,7 +118,7 @@ class CellPredictor:
         self.job = job
         self.error: BaseException | None = None
         self.readers = 1
-        self._alloc = None
+        self._pin = False
         try:
             import torch
 
@@ -136,7 +136,7 @@ class CellPredictor:
                 import os
 
                 self.readers = max(1, min(GPU_READERS, os.cpu_count() or 1))
-                self._alloc = pinned_empty
+                self._pin = True
         except Exception as exc:  # noqa: BLE001 - reported by ready()
             self.error = exc
         self._reader = concurrent.futures.ThreadPoolExecutor(self.readers, thread_name_prefix="gum-cache-read")
@@ -170,7 +170,7 @@ class CellPredictor:
         cache = self.job.imagery_cache()
         todo = [self.job.cell(r, c) for r, c in cells]
         # the first cells' reads start now; each cell taken starts the read of the next one not asked
-        reads = collections.deque(self._reader.submit(self._read, cache, year, c, self._alloc)
+        reads = collections.deque(self._reader.submit(self._read, cache, year, c, self._pin)
                                   for c in todo[: self.readers])
         meta: dict[int, tuple] = {}
         out: list[Prediction | StageFailed] = [None] * len(todo)  # type: ignore[list-item]
@@ -180,13 +180,14 @@ class CellPredictor:
                 t0 = time.perf_counter()
                 read = reads.popleft()
                 if i + self.readers < len(todo):  # decompress the next cells while this one runs
-                    reads.append(self._reader.submit(self._read, cache, year, todo[i + self.readers], self._alloc))
+                    reads.append(self._reader.submit(self._read, cache, year, todo[i + self.readers], self._pin))
                 try:
-                    parts, geobox, provenance, read_s = read.result()
+                    parts, tensors, geobox, provenance, read_s = read.result()
                     check_compatible(self.model, "products" in parts, what=f"the cached imagery of cell {cell.id}")
                     # which inputs each pixel had, whatever the model maps (from the masks, on the host)
                     quality = input_quality({m: parts[f"{m}_mask"].all(axis=0) for m in QUALITY_BITS})
-                    x, valid = self.engine.prepare_compact(parts)
+                    x, valid = self.engine.prepare_compact(tensors)
+                    del tensors
                 except Exception as exc:  # noqa: BLE001 - this cell's failure, reported as its value
                     if not errors_as_values:
                         raise
@@ -219,23 +220,46 @@ class CellPredictor:
         return res[0] if len(res) == 1 else tuple(res)
 
     @staticmethod
-    def _read(cache, year: int, cell, alloc=None) -> tuple:
+    def _read(cache, year: int, cell, pin: bool = False) -> tuple:
+        """The cell's compact parts as numpy arrays and as the torch tensors that own their memory
+        (pinned with ``pin``: the engine uploads those by DMA, no staging copy), GeoBox, provenance
+        and the seconds it took."""
         t = time.perf_counter()
-        parts, geobox, provenance = cache.get_compact(year, cell, alloc)
-        return parts, geobox, provenance, time.perf_counter() - t
+        memory = TensorMemory(pin)
+        parts, geobox, provenance = cache.get_compact(year, cell, memory)
+        return parts, {k: memory.tensor_of(v) for k, v in parts.items()}, geobox, provenance, time.perf_counter() - t
 
 
 #: reader threads of a model actor beside a GPU (each decompresses one cell at a time)
 GPU_READERS = 4
 
 
-def pinned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised numpy array in page-locked (pinned) host memory: decompressed into, it is
-    uploaded to the GPU by DMA with no staging copy (``Tensor.pin_memory`` returns it as it is)."""
-    import torch
+class TensorMemory:
+    """An ``alloc`` for :meth:`~gum_ray.store.cache.ImageryCache.get_compact` whose arrays live in
+    torch tensors (page-locked with ``pin``), and the tensor behind each.
 
-    t = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
-    return t.numpy()
+    The engine must be given the tensor, not ``torch.from_numpy`` of the array: an asynchronous
+    upload from pinned memory records an event on the tensor's own allocation, so that the
+    caching host allocator does not hand the memory to the next cell's read before the copy has
+    run; a tensor made from the numpy array would not carry that allocation, and the memory could
+    be overwritten mid-copy.
+    """
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin
+        self._made: list[tuple[np.ndarray, Any]] = []
+
+    def __call__(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        import torch
+
+        t = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=self.pin)
+        a = t.numpy()
+        self._made.append((a, t))
+        return a
+
+    def tensor_of(self, a: np.ndarray) -> Any:
+        """The tensor that owns ``a``; ``a`` itself if it was not made here (a part Zarr read)."""
+        return next((t for made, t in self._made if made is a), a)
 
 
 def write_cell(job: MapJob, year: int, row: int, col: int, predicted: Prediction,
