@@ -203,8 +203,9 @@ def estimate(job: MapJob, *, device: str = "gpu", sample: int = 64, calibrate: s
     source = job.make_source()
     rates = rates_for(job, device=device, calibrate=calibrate, eecu_s_per_request=eecu_s_per_request)
     check_cell_cap(job.aoi, job.grid, job.max_aoi_cells)
-    cells_all = len(cells_for_aoi(job.aoi, job.grid))
-    cells = plan_cells(job, source)
+    listed = cells_for_aoi(job.aoi, job.grid)  # listed once: all of them, then those with land
+    cells_all = len(listed)
+    cells = plan_cells(job, source, listed)
     n = len(cells)
     step = max(1, n // sample)
     picked = cells[::step]

@@ -48,11 +48,13 @@ def cell_km2(cell: Cell) -> float:
     return float(pixel_area_rows(ys.start, ys.stop).astype("float64").sum() * cell.grid.cell_px / 1e6)
 
 
-def plan_cells(job: MapJob, source: Any = None) -> list[Cell]:
-    """The product cells that touch the AOI and that the source says can hold data."""
+def plan_cells(job: MapJob, source: Any = None, listed: list[Cell] | None = None) -> list[Cell]:
+    """The product cells that touch the AOI and that the source says can hold data (of ``listed``,
+    the AOI's cells when the caller has them already)."""
     check_cell_cap(job.aoi, job.grid, job.max_aoi_cells)  # before anything is listed or fetched
     source = source or job.make_source()
-    cells = [c for c in cells_for_aoi(job.aoi, job.grid) if source.may_hold_data(c.bounds)]
+    listed = cells_for_aoi(job.aoi, job.grid) if listed is None else listed
+    cells = [c for c in listed if source.may_hold_data(c.bounds)]
     if not cells:
         raise InputError(
             f"nothing to map: the AOI {tuple(round(v, 5) for v in job.aoi.bounds)} has no land for "
