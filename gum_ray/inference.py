@@ -491,9 +491,10 @@ class InferenceEngine:
         hp, wp, ys, xs = self._geometry(height, width, origin)
         crops = [(y, xx) for y in ys for xx in xs]
         if valid is not None:
-            vp = torch.nn.functional.pad(valid[None].float(), (0, pad_w, 0, pad_h))[0]
-            hits = torch.stack([vp[y : y + CROP, xx : xx + CROP].any() for y, xx in crops]) if crops else []
-            crops = [c for c, hit in zip(crops, hits.tolist()) if hit]
+            vp = valid
+            if pad_h or pad_w:
+                vp = torch.nn.functional.pad(valid[None].to(torch.uint8), (0, pad_w, 0, pad_h))[0].bool()
+            crops = [c for c, hit in zip(crops, crop_hits(vp, ys, xs)) if hit]
         weight = torch.outer(self._axis_weight(hp, ys), self._axis_weight(wp, xs))
         acc = torch.zeros((k, hp, wp), dtype=torch.float32, device=self.device)
         self.stage_s["scene"] += time.perf_counter() - t
@@ -502,9 +503,10 @@ class InferenceEngine:
     def _end_scene(self, sc: _Scene) -> tuple[Any, torch.Tensor, torch.Tensor]:
         t = time.perf_counter()
         prob, label = self._finish(sc.acc[:, : sc.height, : sc.width], sc.weight[: sc.height, : sc.width])
-        if sc.valid is not None:
-            prob = prob.masked_fill(~sc.valid, float("nan"))
-            label = label.masked_fill(~sc.valid, 0)
+        if sc.valid is not None:  # both are fresh tensors of _finish's: filled in place
+            absent = sc.valid.logical_not()
+            prob.masked_fill_(absent, float("nan"))
+            label.masked_fill_(absent, 0)
         self.stage_s["finish"] += time.perf_counter() - t
         return sc.key, prob, label
 
@@ -647,6 +649,21 @@ class InferenceEngine:
                     bufs[0][..., :acc_n, :].zero_()
                     bufs.reverse()
                 acc_top, acc_n = frontier, keep
+
+
+def crop_hits(mask: torch.Tensor, ys: list[int], xs: list[int]) -> list[bool]:
+    """Whether each crop ``(y, x)`` of ``ys`` x ``xs`` (row-major) holds a True pixel of ``mask``
+    (H, W). Per crop row, one pass over its rows (which columns have any) and a running count
+    along them: one pass over the mask in all, not one per crop, and one read back to the host."""
+    if not ys or not xs:
+        return []
+    x0 = torch.tensor(xs, device=mask.device)
+    rows = []
+    for y in ys:
+        count = torch.cumsum(mask[y : y + CROP].any(0), 0, dtype=torch.int32)
+        count = torch.cat([count.new_zeros(1), count])  # count[i]: columns < i with a True pixel
+        rows.append(count[x0 + CROP] > count[x0])
+    return torch.stack(rows).flatten().tolist()
 
 
 def _to_numpy(a) -> np.ndarray:

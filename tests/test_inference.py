@@ -152,3 +152,18 @@ def test_overlapping_scenes_agree_when_crops_share_a_lattice(tiny_model):
     qb = eng.predict(big[:, b_rows, b_cols]).probability
     diff = np.abs(qa[ra, ca] - qb[rb, cb])
     assert diff.max() > 1e-3
+
+
+def test_crop_hits_equal_a_check_of_every_crop():
+    """Crops with no valid pixel are skipped: the one-pass rule equals looking into every crop,
+    for masks with holes at crop borders, empty and full masks, and one-crop scenes."""
+    from gum_ray.inference import crop_hits
+
+    rng = np.random.default_rng(5)
+    for h, w, density in [(700, 900, 1e-5), (700, 900, 0.0), (700, 900, 1.0), (256, 256, 1e-4),
+                          (1000, 300, 2e-5), (257, 1200, 3e-5)]:
+        mask = torch.from_numpy(rng.random((h, w)) < density)
+        mask[h // 2, 255] = density > 0  # a lone pixel on a crop's last column
+        ys, xs = crop_starts(h, 192), crop_starts(w, 192)
+        want = [bool(mask[y : y + CROP, x : x + CROP].any()) for y in ys for x in xs]
+        assert crop_hits(mask, ys, xs) == want
