@@ -252,6 +252,7 @@ class InferenceEngine:
         self._w1 = torch.from_numpy(window_1d(self.settings.window)).to(self.device)
         self._window = torch.outer(self._w1, self._w1)
         self._batch: torch.Tensor | None = None
+        self._copy_stream = None  # CUDA: the stream cells are uploaded on (_upload_parts)
         self._tables: torch.Tensor | None = None  # code tables (prepare_compact), made on first use
         self._tables_made = False
         self._sources: tuple[tuple[str, int], ...] = ()
@@ -377,7 +378,7 @@ class InferenceEngine:
         from gum_ray.bands import code_index, decode_compact
 
         t = time.perf_counter()
-        dev = {k: _as_device_tensor(v, self.device) for k, v in parts.items()}
+        dev = self._upload_parts(parts)
         self.stage_s["upload"] += time.perf_counter() - t
         t = time.perf_counter()
         _, h, w = dev["s2"].shape
@@ -414,6 +415,23 @@ class InferenceEngine:
                 torch.ne(torch.amin(dev["s2_mask"][:, rows], dim=0, out=s2_valid[:n]), 0, out=valid[rows])
         self.stage_s["decode+preprocess"] += time.perf_counter() - t
         return x, valid
+
+    def _upload_parts(self, parts: dict[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The parts on the device. On CUDA they are copied on a stream of their own, so a cell's
+        upload runs while the previous cell's crops still run on the compute stream (which then
+        waits for the copy before it decodes); each device tensor is marked as used by the compute
+        stream, so its memory is not reused before that stream is done with it."""
+        if self.device.type != "cuda":
+            return {k: _as_device_tensor(v, self.device) for k, v in parts.items()}
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):  # host memory: nothing on the device to wait for
+            dev = {k: _as_device_tensor(v, self.device) for k, v in parts.items()}
+        compute.wait_stream(self._copy_stream)
+        for v in dev.values():
+            v.record_stream(compute)
+        return dev
 
     def _code_tables(self) -> torch.Tensor | None:
         """The model's code tables on the device (:func:`gum_ray.bands.code_tables`), made on first

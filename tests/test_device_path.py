@@ -231,3 +231,26 @@ def test_gum2_preprocessing_on_tensors_and_through_compact_parts(notebook):
     want = engine.predict(ref, origin=(5, 9))
     np.testing.assert_array_equal(got_p.label[v], want.label[v])
     np.testing.assert_array_equal(got_p.probability[v], want.probability[v])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cells_uploaded_on_a_side_stream_equal_the_cpu_engine(tiny):
+    """On CUDA each cell's integers are copied from pinned memory on a stream of their own, the
+    cells queued back to back: every cell's input and validity equal the CPU engine's."""
+    from gum_ray.mapping.stages import TensorMemory
+
+    cpu = InferenceEngine(tiny, InferenceSettings(device="cpu", precision="fp32", stride=192))
+    gpu = InferenceEngine(tiny, InferenceSettings(device="cuda", precision="fp32", stride=192))
+    cells = []
+    for seed in range(3):
+        parts = bands.encode_compact(fake_export(300, 420, seed=seed))
+        memory = TensorMemory(pin=True)
+        pinned = {}
+        for k, v in parts.items():
+            pinned[k] = memory(v.shape, v.dtype)
+            pinned[k][...] = v
+        cells.append((parts, {k: memory.tensor_of(a) for k, a in pinned.items()}))
+    outs = [gpu.prepare_compact(t) for _, t in cells]  # queued back to back, as an actor does
+    for (parts, _), (x, valid) in zip(cells, outs):
+        want_x, want_valid = cpu.prepare_compact(parts)
+        assert torch.equal(x.cpu(), want_x) and torch.equal(valid.cpu(), want_valid)
