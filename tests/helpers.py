@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +65,16 @@ def one_error_line(capsys) -> str:
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("gum: error: "), err
     return err[0]
+
+
+def product_chunks(product) -> dict[str, bytes]:
+    """Every chunk of the product (level 0 and the overview levels), by path."""
+    out = {}
+    for root, _, files in os.walk(product):
+        if "/c/" not in root + "/" or "_manifest" in root:
+            continue
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, product)] = open(p, "rb").read()
+    assert any(k.startswith("overviews") for k in out) and any(k.startswith("probability") for k in out)
+    return out

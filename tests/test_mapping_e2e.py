@@ -18,7 +18,7 @@ import pytest
 
 from gum_ray.grid import ProductGrid, parse_aoi
 from gum_ray.model import ModelSpec, random_checkpoint
-from tests.helpers import REPO
+from tests.helpers import REPO, product_chunks
 from tests.raycluster import RAY, ray_head
 
 pytestmark = pytest.mark.slow
@@ -107,19 +107,6 @@ def test_ray_job_submit_through_the_ee_emulator(tmp_path, ckpt, emulator):
         assert ds["probability"].sel(year=2020, x=lon, y=lat, method="nearest").values == expected[11, 7]
 
 
-def _shards(product):
-    """Every chunk of the product (level 0 and the overview levels), by path."""
-    out = {}
-    for root, _, files in os.walk(product):
-        if "/c/" not in root + "/" or "_manifest" in root:
-            continue
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, product)] = open(p, "rb").read()
-    assert any(k.startswith("overviews") for k in out) and any(k.startswith("probability") for k in out)
-    return out
-
-
 def test_kill_driver_mid_run_then_resume_is_byte_identical(tmp_path, ckpt):
     bbox_big = ("--bbox", "8.57", "47.37", "8.60", "47.39")  # 6 cells
     gum = [sys.executable, "-m", "gum_ray.cli", "map"]
@@ -157,7 +144,7 @@ def test_kill_driver_mid_run_then_resume_is_byte_identical(tmp_path, ckpt):
     assert r.returncode == 0, r.stderr[-3000:]
     mapped, done = map(int, re.search(r"(\d+) cells mapped, (\d+) already done", r.stderr).groups())
     assert mapped + done == 6 and done >= n_first, r.stderr[-3000:]
-    assert _shards(run_dir / "product.zarr") == _shards(ref_dir / "product.zarr")
+    assert product_chunks(run_dir / "product.zarr") == product_chunks(ref_dir / "product.zarr")
     # every cell committed once, by one of the two runs, each fenced by its lease generation
     runs = {}
     for m in markers.glob("*.json"):

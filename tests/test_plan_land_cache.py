@@ -11,7 +11,7 @@ import pytest
 from gum_ray.grid import ProductGrid, cells_for_aoi, parse_aoi
 from gum_ray.landmask import COAST_MARGIN_DEG, may_hold_land
 from gum_ray.model import ModelSpec, random_checkpoint
-from tests.helpers import gum, one_error_line
+from tests.helpers import gum, one_error_line, product_chunks
 
 EUROPE = ("-10.5", "35", "30", "60")  # the README's Europe box
 TOWN = ["--bbox", "8.571", "47.371", "8.579", "47.379"]  # one 0.01-degree cell
@@ -161,3 +161,25 @@ def test_overviews_lost_in_a_crash_are_reported_and_rebuilt_cache_deleted_once_c
     # and the measured rates calibrate the next plan
     assert gum("plan", *TOWN, "--year", "2020", "--calibrate", kept / "product.zarr", "--rate-device", "cpu") == 0
     assert "measured per actor by a run of" in capsys.readouterr().out
+
+
+def test_a_damaged_cache_object_is_fetched_again_and_the_product_is_the_same(tmp_path, ckpt, capsys, caplog):
+    """Storage damages a cached imagery object between two runs over a kept cache: the second run's
+    read fails once with one clear reason, the entry is removed and fetched again, and the cell is
+    committed with the same pixels as from the intact cache."""
+    data = tmp_path / "data"
+    assert gum("map", *TOWN, "--year", "2020", "--data-dir", data, "--checkpoint", ckpt, *SMALL, "--keep-cache") == 0
+    capsys.readouterr()
+    shard = next(p for p in (data / "imagery-cache").rglob("s2/c/0/0/0"))
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[:-20] + bytes(b ^ 0xFF for b in raw[-20:]))  # the shard index, damaged
+    summary = tmp_path / "second.json"
+    assert gum("map", *TOWN, "--year", "2020", "--data-dir", data, "--product", tmp_path / "second.zarr",
+               "--checkpoint", ckpt, *SMALL, "--keep-cache", "--summary-json", summary) == 0
+    assert "1 cells mapped" in capsys.readouterr().err
+    warned = [r.getMessage() for r in caplog.records if "failed in predict" in r.getMessage()]
+    assert len(warned) == 1 and "damaged" in warned[0] and "fetched again" in warned[0], warned
+    s = json.loads(summary.read_text())
+    assert s["retried"] == 1 and s["set_aside"] == 0, s
+    assert shard.read_bytes() == raw  # fetched again: the same imagery as the first run's
+    assert product_chunks(tmp_path / "second.zarr") == product_chunks(data / "product.zarr")  # chunk for chunk

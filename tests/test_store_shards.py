@@ -122,15 +122,21 @@ def test_the_cache_reads_its_own_layout_directly_and_older_entries_too(store_roo
     assert read_array(fs.join(path, "s1")) is None  # blosc: read by Zarr
 
 
-def test_a_damaged_cache_entry_is_an_error_not_pixels(tmp_path):
+def test_a_damaged_cache_entry_is_an_error_and_fetched_again(tmp_path):
+    """A damaged object in a cache entry: one clear error, never pixels, and the entry is removed
+    so the cell's next attempt fetches it again."""
+    from gum_ray.errors import InputError
+
     cache = ImageryCache(str(tmp_path / "c"))
     cell = GRID.cell_at(13.41, 52.51)
     gbox = cell.utm_geobox(halo_px=16)
     cache.put(2020, cell, Imagery.from_export(fake_export((gbox.shape.y, gbox.shape.x)), gbox))
     obj = fs.join(cache.path(2020, cell), "s2", "c", "0", "0", "0")
     fs.write_bytes(obj, fs.read_bytes(obj)[:-5] + b"\xff" * 5)
-    with pytest.raises(CorruptShard, match="checksum"):
+    with pytest.raises(InputError, match=r"damaged and is removed; it is fetched again on the next attempt "
+                                         r"\(s2: the shard index's checksum does not match"):
         cache.get_compact(2020, cell)
+    assert not cache.has(2020, cell) and not fs.exists(cache.path(2020, cell))
 
 
 def shard_of(frames: list[bytes]) -> bytes:

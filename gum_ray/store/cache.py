@@ -20,8 +20,9 @@ Earth Engine quota twice. :meth:`ImageryCache.put` takes and :meth:`ImageryCache
 Each array is one shard (one object) of inner chunks of one band and 512 whole rows, so a cell
 costs about 7 objects, a reader can fetch a block of rows, and each inner chunk decompresses in
 place into the array it is read into (:mod:`gum_ray.store.shards`; entries written earlier have
-inner chunks of all bands and 512 rows, or 512 x 512 px: the same reader, or Zarr, reads them). ``has`` is true only once the group's attributes say
-``complete`` (written after every array), so a half-written entry is never used.
+inner chunks of all bands and 512 rows, or 512 x 512 px: the same reader, or Zarr, reads them).
+``has`` is true only once the group's attributes say ``complete`` (written after every array), so
+a half-written entry is never used; an entry found damaged is removed, so it is fetched again.
 
 A mapping job deletes a cell's entry once the cell is committed unless it keeps the cache
 (``gum map --keep-cache``: to map the same imagery again with another model or settings without
@@ -41,7 +42,7 @@ from gum_ray.errors import InputError
 from gum_ray.grid import Cell, geobox_from_dict, geobox_to_dict
 from gum_ray.imagery import COMPACT_PARTS, Imagery
 from gum_ray.store import fs
-from gum_ray.store.shards import read_array
+from gum_ray.store.shards import CorruptShard, read_array
 from gum_ray.version import __version__
 
 CACHE_MARKER = "gum_imagery_cache.json"
@@ -189,6 +190,15 @@ class ImageryCache:
                 a = read_array(fs.join(path, name), alloc)
             except FileNotFoundError:  # its zarr.json is gone: a deletion cut short (below)
                 continue
+            except CorruptShard as exc:
+                # a damaged object (storage, or a write cut short outside gum-ray's order): never
+                # used; removed, so the cell's next attempt fetches it again
+                self.delete(year, cell)
+                why = str(exc).removeprefix(fs.join(path, name) + ": ")
+                raise InputError(
+                    f"the cached imagery of year {year}, cell {cell.id} was damaged and is removed; it is "
+                    f"fetched again on the next attempt ({name}: {why})"
+                ) from None
             if a is None:  # a layout the direct reader does not take: Zarr reads it
                 a = np.asarray(self._group(year, cell, "r")[name][...])
             parts[name] = a

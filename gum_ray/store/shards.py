@@ -12,8 +12,10 @@ and whole rows (the cache's layout since issue 14) directly into the array it re
 Only the exact layout described below is read here; for anything else (another codec, another
 index location, more than one shard, a chunk key encoding other than the default)
 :func:`read_array` returns None and the caller reads with zarr. The shard index's CRC32C is
-checked, and every offset against the object's size: a damaged object raises
-:class:`CorruptShard`, never returns wrong pixels.
+checked, every offset against the object's size, and every zstd frame against its block's size:
+a damaged index or frame raises :class:`CorruptShard` rather than leaving stale memory in the
+result. (The inner chunks carry no checksum, as Zarr wrote them: a flipped byte inside a frame
+that still decodes is not caught here, nor by Zarr.)
 """
 
 from __future__ import annotations
