@@ -89,13 +89,17 @@ class ImageryCache:
 
     def has(self, year: int, cell: Cell) -> bool:
         """True when a complete entry for (year, cell) is cached."""
+        return self._complete_attrs(year, cell) is not None
+
+    def _complete_attrs(self, year: int, cell: Cell) -> dict[str, Any] | None:
+        """The entry's attributes if it is complete and in this version's encodings, else None."""
         try:
-            meta = json.loads(fs.read_bytes(fs.join(self.path(year, cell), "zarr.json")))
+            attrs = self.attrs(year, cell)
         except FileNotFoundError:
-            return False
-        attrs = meta.get("attributes", {})
+            return None
         # an entry in another version of the compact encodings is refetched, never misread
-        return bool(attrs.get("complete")) and attrs.get("encoding_version") == COMPACT_ENCODING_VERSION
+        complete = bool(attrs.get("complete")) and attrs.get("encoding_version") == COMPACT_ENCODING_VERSION
+        return attrs if complete else None
 
     def cells(self, year: int) -> list[str]:
         """Ids of cells with an entry (complete or not) for ``year``."""
@@ -173,16 +177,14 @@ class ImageryCache:
         :class:`InputError` if it is not cached (completely).
         """
         path = self.path(year, cell)
-        try:
-            attrs = json.loads(fs.read_bytes(fs.join(path, "zarr.json"))).get("attributes", {})
-        except FileNotFoundError:
-            attrs = {}
-        if not (attrs.get("complete") and attrs.get("encoding_version") == COMPACT_ENCODING_VERSION):
+        attrs = self._complete_attrs(year, cell)  # read once: the check and the GeoBox
+        if attrs is None:
             raise InputError(
                 f"imagery for year {year}, cell {cell.id} is not in the cache {self.root}; fetch it first"
             )
         present = set(fs.list_names(path))
         parts: dict[str, np.ndarray] = {}
+        group = None  # opened for a part the direct reader does not take, once
         for name in COMPACT_PARTS:
             if name not in present:
                 continue
@@ -200,7 +202,9 @@ class ImageryCache:
                     f"fetched again on the next attempt ({name}: {why})"
                 ) from None
             if a is None:  # a layout the direct reader does not take: Zarr reads it
-                a = np.asarray(self._group(year, cell, "r")[name][...])
+                if group is None:
+                    group = self._group(year, cell, "r")
+                a = np.asarray(group[name][...])
             parts[name] = a
         missing = [n for n in ("s2", "s2_mask", "s1", "s1_mask", "terrain", "terrain_mask") if n not in parts]
         if missing:
