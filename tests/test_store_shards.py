@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from gum_ray.bands import encode_compact
 from gum_ray.grid import ProductGrid
@@ -34,13 +34,25 @@ def sample(shape=(3, 23, 17), dtype=np.uint16, seed=0):
     return rng.integers(0, 3000, shape).astype(dtype)
 
 
+CODECS = {
+    "zstd": lambda dtype: ZstdCodec(level=3),
+    "blosc lz4hc shuffle (the cache's)": lambda dtype: BloscCodec(cname="lz4hc", clevel=5, shuffle="shuffle",
+                                                                  typesize=np.dtype(dtype).itemsize),
+    "blosc lz4 noshuffle": lambda dtype: BloscCodec(cname="lz4", shuffle="noshuffle", typesize=1),
+    "blosc zstd bitshuffle": lambda dtype: BloscCodec(cname="zstd", shuffle="bitshuffle",
+                                                      typesize=np.dtype(dtype).itemsize),
+}
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
 @pytest.mark.parametrize("inner", [(1, 5, 17), (3, 5, 17), (2, 8, 8), (1, 23, 17), (3, 4, 5)])
 @pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8])
-def test_same_as_zarr_for_every_inner_chunk_layout(tmp_path, inner, dtype):
+def test_same_as_zarr_for_every_inner_chunk_layout(tmp_path, inner, dtype, codec):
     """One band and whole rows (decoded in place), several bands, square chunks, partial last
-    chunks on every axis (decoded, then copied): equal to Zarr's read, value for value."""
+    chunks on every axis (decoded, then copied), zstd or Blosc of any kind: equal to Zarr's read,
+    value for value."""
     a = sample(dtype=dtype)
-    path, z = write(str(tmp_path / "g"), a, inner)
+    path, z = write(str(tmp_path / "g"), a, inner, compressors=[CODECS[codec](dtype)])
     got = read_array(path)
     assert got is not None and got.dtype == a.dtype and got.shape == a.shape
     np.testing.assert_array_equal(got, a)
@@ -62,20 +74,27 @@ def test_fill_value_chunks_and_missing_shard(tmp_path):
 
 def test_other_layouts_are_left_to_zarr(tmp_path):
     a = sample()
-    path, _ = write(str(tmp_path / "b"), a, (1, 5, 17), compressors=[BloscCodec(cname="lz4")])
+    path, _ = write(str(tmp_path / "b"), a, (1, 5, 17), compressors=[GzipCodec()])
+    assert read_array(path) is None
+    path, _ = write(str(tmp_path / "z"), a, (1, 5, 17), compressors=[BloscCodec(), ZstdCodec()])  # two
     assert read_array(path) is None
     path, _ = write(str(tmp_path / "m"), a, (1, 5, 17), shard=(1, 10, 17))  # several shards
     assert read_array(path) is None
 
 
-def test_damaged_objects_raise(tmp_path):
+@pytest.mark.parametrize("codec", ["zstd", "blosc lz4hc shuffle (the cache's)"])
+def test_damaged_objects_raise(tmp_path, codec):
     a = sample()
-    path, _ = write(str(tmp_path / "g"), a, (1, 5, 17))
+    path, _ = write(str(tmp_path / "g"), a, (1, 5, 17), compressors=[CODECS[codec](a.dtype)])
     obj = fs.join(path, "c", "0", "0", "0")
     good = fs.read_bytes(obj)
     for name, bad in [("index", good[:-10] + bytes([good[-10] ^ 1]) + good[-9:]),  # the index's checksum
                       ("truncated", good[-40:]),
-                      ("chunk", b"\x00" * 64 + good[64:])]:  # a chunk's zstd frame broken
+                      ("chunk", b"\x00" * 64 + good[64:]),  # the first chunks' frames broken
+                      # Blosc: the first frame's compressed size (it trusts that field)
+                      ("header", good[:12] + bytes([good[12] ^ 4]) + good[13:])]:
+        if name == "header" and codec == "zstd":
+            continue  # byte 12 is data there: a flipped literal is not caught (no checksum)
         fs.write_bytes(obj, bad)
         with pytest.raises(CorruptShard):
             read_array(path)
@@ -84,9 +103,9 @@ def test_damaged_objects_raise(tmp_path):
 
 
 def test_the_cache_reads_its_own_layout_directly_and_older_entries_too(store_root):
-    """A new entry is one band and 512 whole rows per inner chunk, and every part is read without
-    Zarr (local and gs://); an entry in the layout before (all bands per chunk) or one another tool
-    wrote with another codec reads the same."""
+    """A new entry is one band and 512 whole rows per inner chunk, Blosc LZ4HC with byte shuffle,
+    and every part is read without Zarr (local and gs://); an entry in the layouts before (zstd, one
+    band or all bands per chunk) or one another tool wrote with another codec reads the same."""
     cache = ImageryCache(store_root)
     cell = GRID.cell_at(13.41, 52.51)
     gbox = cell.utm_geobox(halo_px=16)
@@ -97,6 +116,9 @@ def test_the_cache_reads_its_own_layout_directly_and_older_entries_too(store_roo
     for name in want:
         meta = zarr.open_array(fs.zarr_store(fs.join(path, name)), mode="r")
         assert meta.metadata.codecs[0].chunk_shape[0] == 1  # one band per inner chunk
+        blosc = meta.metadata.codecs[0].codecs[1]
+        assert isinstance(blosc, BloscCodec) and blosc.cname.value == "lz4hc"
+        assert blosc.typesize == want[name].dtype.itemsize
         np.testing.assert_array_equal(read_array(fs.join(path, name)), want[name])
     allocs = []
 
@@ -108,18 +130,21 @@ def test_the_cache_reads_its_own_layout_directly_and_older_entries_too(store_roo
     assert got_box == gbox and len(allocs) == len(want)
     for name, v in want.items():
         np.testing.assert_array_equal(parts[name], v)
-    # rewrite two parts as older gum-ray (all bands per chunk) and another codec would have
+    # rewrite three parts as older gum-ray (zstd, one band or all bands per chunk) and another
+    # codec would have
     g = zarr.open_group(fs.zarr_store(path), mode="r+", zarr_format=3)
-    for name, codec in (("s2", ZstdCodec(level=3)), ("s1", BloscCodec(cname="lz4"))):
+    for name, codec, nbc in (("s2", ZstdCodec(level=3), None), ("terrain", ZstdCodec(level=3), 1),
+                             ("s1", GzipCodec(), None)):
         nb, h, w = want[name].shape
         del g[name]
-        z = g.create_array(name, shape=(nb, h, w), dtype=want[name].dtype, chunks=(nb, 512, w),
+        z = g.create_array(name, shape=(nb, h, w), dtype=want[name].dtype, chunks=(nbc or nb, 512, w),
                            shards=(nb, -(-h // 512) * 512, w), fill_value=0, compressors=[codec])
         z[...] = want[name]
     parts, _, _ = cache.get_compact(2020, cell)
     for name, v in want.items():
         np.testing.assert_array_equal(parts[name], v)
-    assert read_array(fs.join(path, "s1")) is None  # blosc: read by Zarr
+    assert read_array(fs.join(path, "s1")) is None  # gzip: read by Zarr
+    np.testing.assert_array_equal(read_array(fs.join(path, "terrain")), want["terrain"])  # zstd, directly
 
 
 def test_a_damaged_cache_entry_is_an_error_and_fetched_again(tmp_path):
@@ -158,15 +183,17 @@ def test_a_chunk_of_the_wrong_size_is_an_error_not_stale_memory():
 
     from gum_ray.store.shards import decode_into
 
-    zstd = numcodecs.Zstd()
     good = np.arange(20, dtype=np.uint16).reshape(1, 4, 5)
-    out = np.full((1, 4, 5), 9, np.uint16)
-    decode_into(shard_of([zstd.encode(good)]), out, (1, 4, 5), (1, 1, 1), 0)
-    np.testing.assert_array_equal(out, good)
-    for wrong in (good.ravel()[:10], np.arange(30, dtype=np.uint16)):
+    for name, codec in (("zstd", numcodecs.Zstd()), ("blosc", numcodecs.Blosc(cname="lz4hc", typesize=2))):
         out = np.full((1, 4, 5), 9, np.uint16)
-        with pytest.raises(CorruptShard, match="decodes to"):
-            decode_into(shard_of([zstd.encode(np.ascontiguousarray(wrong))]), out, (1, 4, 5), (1, 1, 1), 0)
+        decode_into(shard_of([codec.encode(good)]), out, (1, 4, 5), (1, 1, 1), 0, codec=name)
+        np.testing.assert_array_equal(out, good)
+        for wrong in (good.ravel()[:10], np.arange(30, dtype=np.uint16)):
+            out = np.full((1, 4, 5), 9, np.uint16)
+            with pytest.raises(CorruptShard, match="declares|decodes to"):
+                decode_into(shard_of([codec.encode(np.ascontiguousarray(wrong))]), out, (1, 4, 5), (1, 1, 1), 0,
+                            codec=name)
+
 
 
 @pytest.mark.parametrize("level", [1, 3, 19])
@@ -179,6 +206,19 @@ def test_frame_content_size_reads_every_header_width(level):
     for n in (0, 1, 255, 256, 65791, 65792, 1 << 20):
         assert frame_content_size(zstd.encode(np.zeros(n, np.uint8))) == n
     assert frame_content_size(b"not a zstd frame") is None
+
+
+def test_blosc_frame_size_is_the_header_s_and_only_for_a_whole_frame():
+    import numcodecs
+
+    from gum_ray.store.shards import blosc_frame_size
+
+    for n in (0, 1, 255, 70000, 1 << 21):
+        for codec in (numcodecs.Blosc(cname="lz4hc", typesize=2), numcodecs.Blosc(cname="zstd", shuffle=2)):
+            frame = codec.encode(np.arange(n, dtype=np.uint8))
+            assert blosc_frame_size(frame) == n
+            assert blosc_frame_size(frame[:-1]) is None and blosc_frame_size(frame + b"x") is None
+    assert blosc_frame_size(b"not a blosc frame") is None and blosc_frame_size(b"\x02") is None
 
 
 @pytest.mark.parametrize("pin", [False, pytest.param(True, marks=pytest.mark.skipif(

@@ -3,7 +3,7 @@
 
 A cached cell of the default grid (0.25 degree, about 2,800 px of UTM 10 m plus a 128 px halo a
 side), filled with the real Aberystwyth scene tiled (so the imagery compresses like imagery), runs
-through what a model actor does (``CellPredictor``): read the cache objects, decompress (zstd, Zarr),
+through what a model actor does (``CellPredictor``): read the cache objects, decompress (Blosc LZ4HC, gum-ray's shard reader),
 upload, decode the compact integers and the model's preprocessing (GUM 1's: one table lookup per
 channel, ``bands.code_tables``; the per-op path is reported beside it), cut crops, a near-free
 network (a 1 x 1 convolution, 10 -> 2 channels), blend, threshold and encode (P(urban) float16 to
@@ -90,11 +90,17 @@ def main() -> int:
                     help="fill the cell from the synthetic world instead of the real scene tiled (tiling repeats "
                          "the scene, which zstd finds across whole rows; the synthetic world does not repeat)")
     ap.add_argument("--codecs", action="store_true",
-                    help="also decompress the same arrays with numcodecs directly (zstd 1/3, Blosc lz4 on one thread), without Zarr")
+                    help="also decompress the same arrays with numcodecs directly (zstd 1/3, Blosc lz4 and lz4hc with byte shuffle, "
+                         "on one thread), without Zarr")
     ap.add_argument("--readers", type=int, default=2,
                     help="also read + decompress the cell on 1..N threads at once (a model actor's readers)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from numcodecs import blosc
+
+    # Blosc on one thread, as in a model actor's reader threads (numcodecs runs Blosc on all cores
+    # only from the main thread, where this script decompresses)
+    blosc.use_threads = False
 
     cell = DEFAULT_GRID.cell_at(-4.08, 52.41)
     gbox = cell.utm_geobox(DEFAULT_HALO_PX)
@@ -183,12 +189,12 @@ def main() -> int:
     codec_rows = []
     if args.codecs:  # the same arrays through a codec alone: what decompression costs without Zarr
         import numcodecs
-        from numcodecs import blosc
 
-        blosc.set_nthreads(1)  # one thread's cost, as every other row here (Blosc defaults to all cores)
+        shuffle = numcodecs.Blosc.SHUFFLE
         for name, codec in (("zstd level 1", numcodecs.Zstd(level=1)), ("zstd level 3", numcodecs.Zstd(level=3)),
-                            ("blosc lz4 + shuffle", numcodecs.Blosc(cname="lz4", clevel=5,
-                                                                    shuffle=numcodecs.Blosc.SHUFFLE))):
+                            ("blosc lz4 + shuffle", numcodecs.Blosc(cname="lz4", clevel=5, shuffle=shuffle)),
+                            ("blosc lz4hc 5 + shuffle (the cache's)",
+                             numcodecs.Blosc(cname="lz4hc", clevel=5, shuffle=shuffle))):
             enc = [codec.encode(np.ascontiguousarray(v)) for v in compact.values()]
             t_best = float("inf")
             for _ in range(args.repeats):

@@ -37,9 +37,10 @@ from gum_ray.mapping.runner import cell_km2, plan_cells
 CROPS_PER_S = {"cpu": 3.0, "gpu": 0.35 * 989e12 / 99.3e9}
 # Stored product bytes per km^2 of a typical (synthetic-world) product: tools/bench_store.py.
 STORED_BYTES_PER_KM2 = 660.0  # measured 2026-11-24, 3000 px cells around the demo town
-# Imagery cache bytes per km^2 of product (compact encodings, zstd, halo included): measured on
-# the synthetic world (issue 12: about 165 kB per km^2).
-CACHE_BYTES_PER_KM2 = 165e3
+# Imagery cache bytes per km^2 of product (compact encodings, Blosc LZ4HC + shuffle, halo
+# included): measured on the synthetic world's cell at 52.4 N (490 km^2 of product), 71.2 MB, about
+# 145 kB per km^2 (issue 14; 82.0 MB, 165 kB per km^2, with the zstd of issue 12).
+CACHE_BYTES_PER_KM2 = 145e3
 #: assumed seconds per computePixels request (replace with a run's measurement: --calibrate)
 S_PER_REQUEST = 4.0
 #: assumed EECU-seconds per request (one EECU busy for the request's duration; see the docstring)

@@ -17,10 +17,13 @@ Earth Engine quota twice. :meth:`ImageryCache.put` takes and :meth:`ImageryCache
         zarr.json attributes                 geobox (CRS WKT, affine, shape), provenance,
                                              band names, "complete": true (written last)
 
-Each array is one shard (one object) of inner chunks of one band and 512 whole rows, so a cell
-costs about 7 objects, a reader can fetch a block of rows, and each inner chunk decompresses in
-place into the array it is read into (:mod:`gum_ray.store.shards`; entries written earlier have
-inner chunks of all bands and 512 rows, or 512 x 512 px: the same reader, or Zarr, reads them).
+Each array is one shard (one object) of inner chunks of one band and 512 whole rows, Blosc LZ4HC
+with byte shuffle, so a cell costs about 7 objects, a reader can fetch a block of rows, and each
+inner chunk decompresses in place into the array it is read into (:mod:`gum_ray.store.shards`).
+Entries written earlier (zstd; inner chunks of all bands and 512 rows, or 512 x 512 px) still read,
+through the same reader or Zarr. Why LZ4HC: it decodes 2-4x faster than zstd on one thread, which
+is what keeps a GPU fed when a cached continent is mapped again, for about the same bytes on real
+imagery (docs/performance.md, "A faster cache codec").
 ``has`` is true only once the group's attributes say ``complete`` (written after every array), so
 a half-written entry is never used; an entry found damaged is removed, so it is fetched again.
 
@@ -48,18 +51,20 @@ from gum_ray.version import __version__
 CACHE_MARKER = "gum_imagery_cache.json"
 CACHE_VERSION = 1
 INNER_CHUNK = 512
+#: the inner chunks' codec: Blosc LZ4HC at level 5 with byte shuffle (a slower encode, once per
+#: fetched cell, for a decode that a model actor repeats each time the cell is mapped)
+CODEC = {"cname": "lz4hc", "clevel": 5}
 
 
 class ImageryCache:
     """The imagery cache at ``root`` (local folder or gs://)."""
 
-    def __init__(self, root: str, key: str | None = None, *, zstd_level: int = 3):
+    def __init__(self, root: str, key: str | None = None):
         """The cache at ``root``; entries under ``<root>/<key>/`` (``key`` None: directly under root)."""
         self.root = fs.normalize(root)
         if key is not None and (not key or "/" in key or key.startswith(".")):
             raise InputError(f"imagery cache key {key!r}: expected a plain folder name")
         self.key = key
-        self.zstd_level = zstd_level
         marker = fs.join(self.root, CACHE_MARKER)
         if not fs.exists(marker):
             if not fs.is_remote(self.root) and fs.exists(self.root) and fs.list_names(self.root):
@@ -124,7 +129,7 @@ class ImageryCache:
         provenance: Mapping[str, Any] | None = None,
     ) -> None:
         """Cache already-encoded compact parts (:data:`~gum_ray.imagery.COMPACT_PARTS`)."""
-        from zarr.codecs import ZstdCodec
+        from zarr.codecs import BloscCodec
 
         missing = {"s2", "s2_mask", "s1", "s1_mask", "terrain", "terrain_mask"} - set(parts)
         if missing:
@@ -140,9 +145,11 @@ class ImageryCache:
             # in place (gum_ray.store.shards), with no copy (docs/performance.md)
             ch = (1, min(INNER_CHUNK, h), w)
             shard = (nb, -(-h // ch[1]) * ch[1], w)
+            codec = BloscCodec(**CODEC, typesize=arr.dtype.itemsize,
+                               shuffle="shuffle" if arr.dtype.itemsize > 1 else "noshuffle")
             z = g.create_array(
                 name, shape=arr.shape, dtype=arr.dtype, chunks=ch, shards=shard,
-                fill_value=0, compressors=[ZstdCodec(level=self.zstd_level)],
+                fill_value=0, compressors=[codec],
                 dimension_names=["band", "y", "x"],
             )
             z[...] = arr

@@ -1,21 +1,23 @@
-"""Read a Zarr v3 array stored as one shard of zstd inner chunks, as the imagery cache writes it,
-decoding each inner chunk straight into its place in the result.
+"""Read a Zarr v3 array stored as one shard of Blosc (or zstd) inner chunks, as the imagery cache
+writes it, decoding each inner chunk straight into its place in the result.
 
 Why not zarr-python's own read: its synchronous API runs every read on one event loop and hands
 each inner chunk's codecs to ``asyncio.to_thread``, so two threads reading two cells at once are
 no faster than one (zarr-python issue #4293), and each chunk is decoded into a buffer of its own
 and then copied. A model actor on a GPU node needs several reader threads, each decompressing a
 cell while the device runs (DESIGN decision 13; ``docs/performance.md``). Here one read is one
-object GET, and numcodecs' zstd (which releases the GIL) writes every inner chunk of one band
-and whole rows (the cache's layout since issue 14) directly into the array it returns.
+object GET, and numcodecs' Blosc and zstd (both release the GIL; Blosc runs one thread off the
+main thread) write every inner chunk of one band and whole rows (the cache's layout since issue
+14) directly into the array it returns.
 
 Only the exact layout described below is read here; for anything else (another codec, another
 index location, more than one shard, a chunk key encoding other than the default)
 :func:`read_array` returns None and the caller reads with zarr. The shard index's CRC32C is
-checked, every offset against the object's size, and every zstd frame against its block's size:
-a damaged index or frame raises :class:`CorruptShard` rather than leaving stale memory in the
-result. (The inner chunks carry no checksum, as Zarr wrote them: a flipped byte inside a frame
-that still decodes is not caught here, nor by Zarr.)
+checked, every offset against the object's size, and every frame's header against its block (a
+zstd frame's declared size; a Blosc frame's declared size and its own length): a damaged index or
+frame raises :class:`CorruptShard` rather than leaving stale memory in the result. (The inner
+chunks carry no checksum, as Zarr wrote them: a flipped byte inside a frame that still decodes is
+not caught here, nor by Zarr.)
 """
 
 from __future__ import annotations
@@ -44,10 +46,13 @@ def _is(codec: Any, name: str, **config: Any) -> bool:
     return all(got.get(k, v) == v for k, v in config.items()) and set(got) <= set(config) | {"checksum"}
 
 
-def layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], np.dtype, Any, tuple[int, ...], tuple[int, ...]] | None:
-    """(shape, dtype, fill value, inner chunk shape, inner chunks per axis of the shard) of an array's
-    ``zarr.json`` if it is one shard of ``bytes`` (little endian) + ``zstd`` inner chunks with a
-    ``bytes`` + ``crc32c`` index at the end, under the default chunk key encoding; else None."""
+def layout(meta: dict[str, Any]
+           ) -> tuple[tuple[int, ...], np.dtype, Any, tuple[int, ...], tuple[int, ...], str] | None:
+    """(shape, dtype, fill value, inner chunk shape, inner chunks per axis of the shard, codec name)
+    of an array's ``zarr.json`` if it is one shard of ``bytes`` (little endian) + ``blosc`` or
+    ``zstd`` inner chunks with a ``bytes`` + ``crc32c`` index at the end, under the default chunk
+    key encoding; else None. (A Blosc frame's header says how it was compressed, shuffle included,
+    so its configuration needs no check here.)"""
     try:
         if meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or meta.get("storage_transformers"):
             return None
@@ -71,7 +76,7 @@ def layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], np.dtype, Any, tuple[
             return None
         inner_codecs = cfg["codecs"]
         if len(inner_codecs) != 2 or not _is(inner_codecs[0], "bytes", endian="little") or \
-                inner_codecs[1].get("name") != "zstd":
+                inner_codecs[1].get("name") not in _DECODERS:
             return None
         index_codecs = cfg.get("index_codecs")
         if len(index_codecs) != 2 or not _is(index_codecs[0], "bytes", endian="little") or \
@@ -83,7 +88,7 @@ def layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], np.dtype, Any, tuple[
         if not isinstance(fill, (int, float)) or isinstance(fill, bool):
             return None
         return shape, np.dtype(meta["data_type"]).newbyteorder("<"), fill, inner, \
-            tuple(b // c for b, c in zip(shard, inner))
+            tuple(b // c for b, c in zip(shard, inner)), inner_codecs[1]["name"]
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
@@ -97,23 +102,23 @@ def read_array(path: str, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarra
     spec = layout(meta)
     if spec is None:
         return None
-    shape, dtype, fill, inner, grid = spec
+    shape, dtype, fill, inner, grid, codec = spec
     out = (alloc or np.empty)(shape, dtype)
     try:
         raw = fs.read_bytes(fs.join(path, "c", *(["0"] * len(shape))))
     except FileNotFoundError:  # nothing but the fill value was written
         out[...] = fill
         return out
-    decode_into(raw, out, inner, grid, fill, what=path)
+    decode_into(raw, out, inner, grid, fill, what=path, codec=codec)
     return out
 
 
 def decode_into(raw: bytes, out: np.ndarray, inner: tuple[int, ...], shard_grid: tuple[int, ...], fill: Any,
-                what: str = "shard") -> None:
+                what: str = "shard", codec: str = "zstd") -> None:
     """Decode the shard ``raw`` (inner chunks of shape ``inner``, ``shard_grid`` of them per axis,
-    indexed in C order) into ``out`` (the array, whose shape the shard covers)."""
+    indexed in C order, each compressed by ``codec``: ``"blosc"`` or ``"zstd"``) into ``out`` (the
+    array, whose shape the shard covers)."""
     import google_crc32c
-    import numcodecs
 
     n = math.prod(shard_grid)
     size = len(raw)
@@ -125,7 +130,7 @@ def decode_into(raw: bytes, out: np.ndarray, inner: tuple[int, ...], shard_grid:
         raise CorruptShard(f"{what}: the shard index's checksum does not match (a damaged object)")
     entries = np.frombuffer(index, "<u8").reshape(n, 2)
     grid = [-(-s // c) for s, c in zip(out.shape, inner)]  # inner chunks that hold array pixels
-    zstd = numcodecs.Zstd()
+    declared_size, decode, always_declared = _DECODERS[codec]
     whole = math.prod(inner) * out.dtype.itemsize
     for k, (offset, nbytes) in enumerate(entries.tolist()):
         pos = np.unravel_index(k, shard_grid)
@@ -139,14 +144,18 @@ def decode_into(raw: bytes, out: np.ndarray, inner: tuple[int, ...], shard_grid:
         if offset + nbytes > size - 16 * n - 4:
             raise CorruptShard(f"{what}: inner chunk {k} lies outside the shard's data")
         blob = view[offset : offset + nbytes]
+        size_said = declared_size(blob)  # None: a zstd frame that does not say (decoded, then checked)
+        if size_said is None and always_declared:
+            raise CorruptShard(f"{what}: inner chunk {k} is not a whole {codec} frame (a damaged or truncated object)")
+        if size_said is not None and size_said != whole:  # it would fill only part of its block
+            raise CorruptShard(f"{what}: inner chunk {k}'s {codec} frame declares {size_said} bytes, not {whole}")
         try:
-            # one band, whole rows: decoded in place, when its frame says it fills the block exactly
-            # (zstd would fill a larger destination's start and leave the rest as it was)
-            if dst.flags.c_contiguous and dst.nbytes == whole and frame_content_size(blob) == whole:
-                zstd.decode(blob, out=dst)
+            # one band, whole rows: decoded in place (a band's rows are one contiguous block)
+            if dst.flags.c_contiguous and dst.nbytes == whole and size_said == whole:
+                decode(blob, dst)
                 continue
-            chunk = np.frombuffer(zstd.decode(blob), out.dtype)
-        except (RuntimeError, ValueError) as exc:  # numcodecs: "Zstd decompression error: ..."
+            chunk = np.frombuffer(decode(blob, None), out.dtype)
+        except (RuntimeError, ValueError) as exc:  # numcodecs: "Zstd decompression error: ...", blosc's
             raise CorruptShard(f"{what}: inner chunk {k}: {exc}") from None
         if chunk.size != math.prod(inner):
             raise CorruptShard(f"{what}: inner chunk {k} decodes to {chunk.size} values, not {math.prod(inner)}")
@@ -167,3 +176,34 @@ def frame_content_size(frame: memoryview | bytes) -> int | None:
         return None
     value = int.from_bytes(head[at : at + width], "little")
     return value + 256 if width == 2 else value
+
+
+def blosc_frame_size(frame: memoryview | bytes) -> int | None:
+    """The decompressed size a Blosc (1.x) frame's 16-byte header declares, or None when it is not
+    such a header or its compressed size is not the frame's own length (a truncated or damaged
+    frame: Blosc trusts that field, so it is checked before decoding)."""
+    head = bytes(frame[:16])
+    if len(head) < 16 or head[0] not in (1, 2):
+        return None
+    nbytes, _blocksize, cbytes = np.frombuffer(head[4:16], "<u4").tolist()
+    return nbytes if cbytes == len(frame) else None
+
+
+def _blosc_decode(blob: memoryview, out: np.ndarray | None) -> Any:
+    from numcodecs import blosc
+
+    return blosc.decompress(blob, out)
+
+
+def _zstd_decode(blob: memoryview, out: np.ndarray | None) -> Any:
+    import numcodecs
+
+    return numcodecs.Zstd().decode(blob, out=out)
+
+
+#: codec name in zarr.json -> (the size a frame declares, decode(frame, out or None), whether
+#: every whole frame declares it)
+_DECODERS: dict[str, tuple[Callable[[Any], int | None], Callable[[Any, Any], Any], bool]] = {
+    "blosc": (blosc_frame_size, _blosc_decode, True),
+    "zstd": (frame_content_size, _zstd_decode, False),
+}
