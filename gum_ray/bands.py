@@ -232,8 +232,12 @@ GUM1_CHANNEL_SOURCES = (("s2", 0), ("s2", 1), ("s2", 2), ("s2", 3), ("s1", 0), (
 TABLE_HALF = 65536
 INT16_OFFSET = 32768  # int16 codes (s1, terrain) start at table entry 0 after this shift
 # the compact parts as encode_compact writes them: (bands, dtype)
-_PARTS = {"s2": (len(S2_BANDS), np.uint16), "s1": (len(S1_BANDS), np.int16),
+_PARTS: dict[str, tuple[int, type]] = {"s2": (len(S2_BANDS), np.uint16), "s1": (len(S1_BANDS), np.int16),
           "terrain": (len(TERRAIN_BANDS), np.int16), "products": (len(PRODUCT_BANDS), np.uint8)}
+
+
+#: the compact parts whose codes are int16 (their table entries start at code + INT16_OFFSET)
+INT16_PARTS = tuple(p for p, (_, dtype) in _PARTS.items() if dtype == np.int16)
 
 
 def code_index(code, present=None, out=None):

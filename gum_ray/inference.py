@@ -255,6 +255,7 @@ class InferenceEngine:
         self._copy_stream = None  # CUDA: the stream cells are uploaded on (_upload_parts)
         self._tables: torch.Tensor | None = None  # code tables (prepare_compact), made on first use
         self._tables_made = False
+        self._by_band: tuple | None = None  # the tables as a CPU looks bands up (_present_tables)
         self._sources: tuple[tuple[str, int], ...] = ()
         self.crops_run = 0
         #: seconds spent per stage (the host's view: on CUDA, kernels are asynchronous)
@@ -385,6 +386,7 @@ class InferenceEngine:
         x = torch.empty((self.in_channels, h, w), dtype=torch.float32, device=self.device)
         valid = torch.empty((h, w), dtype=torch.bool, device=self.device)
         tables = self._code_tables()
+        by_band = self._present_tables() if tables is not None and self.device.type == "cpu" else None
         # a per-band family: per part, the table entries of the bands its channels read (one
         # int32 pass each), then one lookup per channel; no float export in between
         reads: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
@@ -407,6 +409,9 @@ class InferenceEngine:
                 for part, chans in reads.items():
                     bands = spans[part]
                     mask = dev.get(part + "_mask")
+                    if by_band is not None:  # a CPU: per band, by what its mask holds in this block
+                        self._lookup_bands(x, rows, dev[part], mask, chans, index[part][0, :n], by_band)
+                        continue
                     i = code_index(dev[part][bands, rows], None if mask is None else mask[bands, rows],
                                    out=index[part][:, :n])
                     for c, band in chans:
@@ -432,6 +437,48 @@ class InferenceEngine:
         for v in dev.values():
             v.record_stream(compute)
         return dev
+
+    def _present_tables(self) -> tuple[torch.Tensor, torch.Tensor, list[float | None]]:
+        """Per channel, the code table's present half indexed by the code's 16 bits as unsigned
+        (int16 codes rotated into place), and the value of an absent code when it is one value
+        (None if not): a CPU looks a band up with no mask pass where its mask says every pixel of
+        a block is present, and fills the absent value where it says none is (the usual cases)."""
+        if self._by_band is None:
+            from gum_ray.bands import INT16_OFFSET, INT16_PARTS, TABLE_HALF
+
+            tables = self._tables
+            present = tables[:, TABLE_HALF:].clone()
+            for c, (part, _) in enumerate(self._sources):
+                if part in INT16_PARTS:  # entry code + 32768 -> the code's unsigned 16 bits
+                    present[c] = torch.roll(present[c], INT16_OFFSET)
+            absent = [float(t[0]) if bool((t[:TABLE_HALF] == t[0]).all()) else None for t in tables]
+            self._by_band = (tables, present.contiguous(), absent)
+        return self._by_band
+
+    @staticmethod
+    def _lookup_bands(x: torch.Tensor, rows: slice, codes: torch.Tensor, mask: torch.Tensor | None,
+                      chans: list[tuple[int, int]], index: torch.Tensor,
+                      by_band: tuple[torch.Tensor, torch.Tensor, list[float | None]]) -> None:
+        """``x[c, rows]`` for each (channel, band) of one compact part, on a CPU: a block whose mask
+        is all present is one lookup of the code's bits; all absent, the absent value; mixed, the
+        lookup of the whole table with the mask byte (:func:`gum_ray.bands.code_index`)."""
+        from gum_ray.bands import code_index
+
+        tables, present, absent = by_band
+        for c, band in chans:
+            out = x[c, rows].view(-1)
+            code = codes[band, rows]
+            if mask is not None:
+                m = mask[band, rows]
+                lo, hi = (int(v) for v in torch.aminmax(m))
+                if hi == 0 and absent[c] is not None:
+                    out.fill_(absent[c])
+                    continue
+                if lo == 0:  # some absent: the whole table, entry TABLE_HALF * present + code
+                    torch.index_select(tables[c], 0, code_index(code, m, out=index).view(-1), out=out)
+                    continue
+            index.copy_(code.view(torch.uint16) if code.dtype == torch.int16 else code)
+            torch.index_select(present[c], 0, index.view(-1), out=out)
 
     def _code_tables(self) -> torch.Tensor | None:
         """The model's code tables on the device (:func:`gum_ray.bands.code_tables`), made on first

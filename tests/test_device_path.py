@@ -57,10 +57,12 @@ def test_torch_preprocess_and_decode_equal_numpy_bit_for_bit(n):
 
 
 @pytest.mark.parametrize("spec", [TINY, TINY13])
-def test_table_lookup_equals_decode_and_preprocess_for_every_code(spec):
+@pytest.mark.parametrize("rows_per_block", [64, 1])
+def test_table_lookup_equals_decode_and_preprocess_for_every_code(spec, rows_per_block):
     """GUM 1 decodes and preprocesses compact integers by table lookup (bands.code_tables): every
     code of every band, absent, present and mixed, gives the values and validity of decode_compact
-    followed by the model's preprocessing, bit for bit."""
+    followed by the model's preprocessing, bit for bit; in blocks of one row too, where a CPU
+    takes each band's block by what its mask holds (all absent, all present, mixed)."""
     model = Gum1.from_module(build_model(spec))
     n = 65536
     rng = np.random.default_rng(1)
@@ -77,7 +79,7 @@ def test_table_lookup_equals_decode_and_preprocess_for_every_code(spec):
         parts["products"] = np.broadcast_to((np.arange(n) % 256).astype(np.uint8), (3, 3, n)).copy()
     export = bands.decode_compact(parts)
     engine = InferenceEngine(model, InferenceSettings(device="cpu"))
-    x, valid = engine.prepare_compact(parts)
+    x, valid = engine.prepare_compact(parts, rows_per_block=rows_per_block)
     assert engine._code_tables() is not None  # the lookup ran
     np.testing.assert_array_equal(x.numpy(), model.preprocess(export))
     np.testing.assert_array_equal(valid.numpy(), model.validity(export))

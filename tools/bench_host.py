@@ -164,6 +164,10 @@ def main() -> int:
         crops = eng.crops_run
         for k, v in t.items():
             best[k] = min(best.get(k, float("inf")), v)
+        # a model actor's steady state: a cell's arrays are freed before the next cell's are made
+        # (the process keeps freed memory, inference.retain_freed_memory), so later repeats reuse
+        # it rather than fault fresh pages in
+        del parts, staged, x, valid, prob, eng
 
     # bookkeeping alone: the engine on the meta device (shapes only, no arithmetic)
     meta_eng = InferenceEngine(model, InferenceSettings(stride=args.stride, device="meta", precision="fp32",
