@@ -256,6 +256,9 @@ class InferenceEngine:
         self._tables: torch.Tensor | None = None  # code tables (prepare_compact), made on first use
         self._tables_made = False
         self._by_band: tuple | None = None  # the tables as a CPU looks bands up (_present_tables)
+        # a CPU branches on each band's mask per row block; a GPU would sync on every branch, so it
+        # looks every band up through the whole table (the tests run both on a CPU)
+        self._by_mask = self.device.type == "cpu"
         self._sources: tuple[tuple[str, int], ...] = ()
         self.crops_run = 0
         #: seconds spent per stage (the host's view: on CUDA, kernels are asynchronous)
@@ -365,14 +368,15 @@ class InferenceEngine:
         pred = self.predict(self.model.preprocess(imagery.export), origin=origin)
         return Prediction(pred.probability, pred.label, imagery.geobox, quality=quality).masked(valid)
 
-    def prepare_compact(self, parts: dict[str, np.ndarray | torch.Tensor], rows_per_block: int = 64
+    def prepare_compact(self, parts: dict[str, np.ndarray | torch.Tensor], rows_per_block: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Compact integer parts (:data:`gum_ray.imagery.COMPACT_PARTS`, as cached) -> the network
         input (C, H, W) float32 and the model's validity (H, W) bool, on the engine's device.
 
         The integers are uploaded once; decoding (:func:`gum_ray.bands.decode_compact`) and the
-        model's own ``preprocess`` and ``validity`` run on the device, in row blocks (on a CPU they
-        stay in cache); for a family whose channels each come from one band (``channel_sources``,
+        model's own ``preprocess`` and ``validity`` run on the device, in row blocks (``rows_per_block``:
+        64 on a CPU, where they stay in cache; elsewhere the whole cell at once, so a GPU's host
+        launches a few dozen kernels a cell, not thousands); for a family whose channels each come from one band (``channel_sources``,
         GUM 1) as one table lookup per channel (:func:`gum_ray.bands.code_tables`). The values equal
         the numpy path's (``model.preprocess(decode_compact(parts))``) either way.
         """
@@ -383,10 +387,11 @@ class InferenceEngine:
         self.stage_s["upload"] += time.perf_counter() - t
         t = time.perf_counter()
         _, h, w = dev["s2"].shape
+        rows_per_block = min(h, rows_per_block or (64 if self.device.type == "cpu" else h))
         x = torch.empty((self.in_channels, h, w), dtype=torch.float32, device=self.device)
         valid = torch.empty((h, w), dtype=torch.bool, device=self.device)
         tables = self._code_tables()
-        by_band = self._present_tables() if tables is not None and self.device.type == "cpu" else None
+        by_band = self._present_tables() if tables is not None and self._by_mask else None
         # a per-band family: per part, the table entries of the bands its channels read (one
         # int32 pass each), then one lookup per channel; no float export in between
         reads: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)

@@ -13,7 +13,8 @@ One thread (``torch.set_num_threads(1)``) unless ``--threads``.
 It also reports the work that stays on the CPU when the device is a GPU: read and decompress (a
 model actor beside a GPU decompresses into pinned memory, so the upload is a DMA; the copy into
 staging memory it would otherwise take is shown beside) and bookkeeping (the engine's Python and
-op dispatch per crop, measured on torch's ``meta`` device, where ops do no arithmetic), the
+op dispatch per crop, and the dispatch of a cell's decode, measured on torch's ``meta`` device,
+where ops do no arithmetic), the
 aggregate rate of 1..``--readers`` reader threads decompressing cells at once, and the share of
 time an H100 would be busy (GUM 1 forward at bf16 peak: 0.10 ms per crop).
 
@@ -164,6 +165,7 @@ def main() -> int:
         crops = eng.crops_run
         for k, v in t.items():
             best[k] = min(best.get(k, float("inf")), v)
+        specs = {k: (v.shape, torch.from_numpy(np.empty(0, v.dtype)).dtype) for k, v in parts.items()}
         # a model actor's steady state: a cell's arrays are freed before the next cell's are made
         # (the process keeps freed memory, inference.retain_freed_memory), so later repeats reuse
         # it rather than fault fresh pages in
@@ -176,6 +178,12 @@ def main() -> int:
     t0 = time.perf_counter()
     list(meta_eng.predict_scenes([(0, xm, None, (0, 0))]))
     book = (time.perf_counter() - t0) / max(meta_eng.crops_run, 1)
+    # and the decode's dispatch on the device (prepare_compact's ops, one block a cell off a CPU)
+    meta_parts = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in specs.items()}
+    meta_eng.prepare_compact(meta_parts)  # its tables, made once per actor
+    t0 = time.perf_counter()
+    meta_eng.prepare_compact(meta_parts)
+    dispatch = (time.perf_counter() - t0) / max(meta_eng.crops_run, 1)
 
     # the actor's reader threads: cells read and decompressed at once, aggregate throughput
     import concurrent.futures
@@ -226,12 +234,14 @@ def main() -> int:
     print(f"{'  without the network':<22} {rest * 1e3:>9.1f} {rest * 1e3 / crops:>8.3f} {rest * 1e9 / px:>7.1f}")
     print(f"# decode + preprocess by table lookup (GUM 1) {best['decode + preprocess'] * 1e9 / px:.1f} ns/px; "
           f"per op (decode_compact, then preprocess) {per_op * 1e9 / px:.1f} ns/px")
-    # beside a GPU the model actor decompresses into pinned memory (stages.pinned_empty), which the
-    # device reads by DMA: the copy into staging memory measured here is not host work there
-    gpu_host = (best["decompress"] + best["read"]) / crops + book
+    # beside a GPU the model actor decompresses into pinned memory (stages.TensorMemory), which the
+    # device reads by DMA: the copy into staging memory measured here is not host work there. The
+    # meta device's in-place add is a Python kernel (about 20 us a crop more than a CUDA launch),
+    # so the bookkeeping is an upper bound
+    gpu_host = (best["decompress"] + best["read"]) / crops + book + dispatch
     print(f"# CPU work per crop when the device is a GPU: read + decompress (into pinned memory) "
-          f"{(best['read'] + best['decompress']) * 1e3 / crops:.3f} ms, bookkeeping {book * 1e3:.3f} ms (meta device, "
-          f"batch 32) = {gpu_host * 1e3:.3f} ms per crop per thread (a copy into staging memory, which the "
+          f"{(best['read'] + best['decompress']) * 1e3 / crops:.3f} ms, bookkeeping {book * 1e3:.3f} ms + decode "
+          f"dispatch {dispatch * 1e3:.3f} ms (meta device, batch 32) = {gpu_host * 1e3:.3f} ms per crop per thread (a copy into staging memory, which the "
           f"actor no longer makes, would add {best['upload (copy)'] * 1e3 / crops:.3f} ms)")
     for name, t_c, ratio in codec_rows:
         print(f"# numcodecs {name} alone: {t_c * 1e9 / px:.1f} ns/px ({ratio:.1f}x compression)")
