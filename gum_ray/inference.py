@@ -374,11 +374,13 @@ class InferenceEngine:
         input (C, H, W) float32 and the model's validity (H, W) bool, on the engine's device.
 
         The integers are uploaded once; decoding (:func:`gum_ray.bands.decode_compact`) and the
-        model's own ``preprocess`` and ``validity`` run on the device, in row blocks (``rows_per_block``:
-        64 on a CPU, where they stay in cache; elsewhere the whole cell at once, so a GPU's host
-        launches a few dozen kernels a cell, not thousands); for a family whose channels each come from one band (``channel_sources``,
-        GUM 1) as one table lookup per channel (:func:`gum_ray.bands.code_tables`). The values equal
-        the numpy path's (``model.preprocess(decode_compact(parts))``) either way.
+        model's own ``preprocess`` and ``validity`` run on the device, in row blocks
+        (``rows_per_block``: 64 on a CPU, where they stay in cache; elsewhere the whole cell at
+        once, so a GPU's host launches a few dozen kernels a cell, not thousands); for a family
+        whose channels each come from one band (``channel_sources``, GUM 1) as one table lookup per
+        channel (:func:`gum_ray.bands.code_tables`; on a CPU by what each band's mask holds in the
+        block, :meth:`_lookup_bands`). The values equal the numpy path's
+        (``model.preprocess(decode_compact(parts))``) either way.
         """
         from gum_ray.bands import code_index, decode_compact
 

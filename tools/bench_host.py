@@ -3,8 +3,8 @@
 
 A cached cell of the default grid (0.25 degree, about 2,800 px of UTM 10 m plus a 128 px halo a
 side), filled with the real Aberystwyth scene tiled (so the imagery compresses like imagery), runs
-through what a model actor does (``CellPredictor``): read the cache objects, decompress (Blosc LZ4HC, gum-ray's shard reader),
-upload, decode the compact integers and the model's preprocessing (GUM 1's: one table lookup per
+through what a model actor does (``CellPredictor``): read the cache objects, decompress (Blosc
+LZ4HC, the shard reader), upload, decode the compact integers and the model's preprocessing (GUM 1's: one table lookup per
 channel, ``bands.code_tables``; the per-op path is reported beside it), cut crops, a near-free
 network (a 1 x 1 convolution, 10 -> 2 channels), blend, threshold and encode (P(urban) float16 to
 the host).
