@@ -202,6 +202,11 @@ class _Scene:
     weight: torch.Tensor  # (hp, wp), separable: outer(wy, wx)
     valid: torch.Tensor | None
     done: int = 0
+    # off a CPU (InferenceEngine._gather): every crop's rows (N, 256, 1) and columns (N, 1, 256) on
+    # the device, so a batch's crops are cut by one gather and blended by one scatter
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    taken: int = 0  # crops handed to a batch so far (a scene's crops go in order)
 
 
 class InferenceEngine:
@@ -211,9 +216,10 @@ class InferenceEngine:
 
     The arithmetic runs on the engine's device, CPU or GPU alike: decoding compact integers
     (:meth:`predict_compact`), the model's preprocessing (its ``preprocess`` on tensors), cutting
-    crops (one device copy each into a batch buffer that is reused), the forward, blending
-    (per-crop adds into an accumulator; the weights are separable, ``outer(wy, wx)``, never
-    accumulated) and thresholding. Only uint8 (or float16) results come back to the host.
+    crops into a batch buffer that is reused (on a CPU one copy a crop; off it one gather a batch),
+    the forward, blending (adds into an accumulator: per crop on a CPU, one scatter a batch off it;
+    the weights are separable, ``outer(wy, wx)``, never accumulated) and thresholding. Only uint8
+    (or float16) results come back to the host.
     """
 
     def __init__(self, model: UrbanModel | torch.nn.Module, settings: InferenceSettings | None = None):
@@ -249,8 +255,9 @@ class InferenceEngine:
         self.batch_size = self.settings.batch_size or default_batch_size(self.device)
         forward = _Forward(self.model)
         self._forward = torch.compile(forward, dynamic=False) if self.settings.compile else forward
-        self._w1 = torch.from_numpy(window_1d(self.settings.window)).to(self.device)
-        self._window = torch.outer(self._w1, self._w1)
+        self._w1 = window_1d(self.settings.window)  # on the host (_axis_weight)
+        w1 = torch.from_numpy(self._w1).to(self.device)
+        self._window = torch.outer(w1, w1)
         self._batch: torch.Tensor | None = None
         self._copy_stream = None  # CUDA: the stream cells are uploaded on (_upload_parts)
         self._tables: torch.Tensor | None = None  # code tables (prepare_compact), made on first use
@@ -259,6 +266,10 @@ class InferenceEngine:
         # a CPU branches on each band's mask per row block; a GPU would sync on every branch, so it
         # looks every band up through the whole table (the tests run both on a CPU)
         self._by_mask = self.device.type == "cpu"
+        # likewise a CPU cuts and blends crop by crop (a copy and an add each, which stay in cache);
+        # a GPU's host would launch two kernels a crop, so it cuts a batch's crops of a scene by one
+        # gather and blends them by one scatter-add (the tests run both on a CPU)
+        self._gather = self.device.type != "cpu"
         self._sources: tuple[tuple[str, int], ...] = ()
         self.crops_run = 0
         #: seconds spent per stage (the host's view: on CUDA, kernels are asynchronous)
@@ -320,12 +331,14 @@ class InferenceEngine:
         return hp, wp, crop_starts(hp, s.stride, origin=oy), crop_starts(wp, s.stride, origin=ox)
 
     def _axis_weight(self, n: int, starts: list[int]) -> torch.Tensor:
-        """Sum over the crops of an axis of the 1-D window (a count for merge="logits")."""
-        w = torch.zeros(n, dtype=torch.float32, device=self.device)
-        w1 = self._w1 if self.settings.merge == "probability" else torch.ones_like(self._w1)
+        """Sum over the crops of an axis of the 1-D window (a count for merge="logits"), on the
+        device: summed on the host (float32, the same sums in the same order; a few dozen small
+        adds a scene that would otherwise each be a launch) and uploaded once."""
+        w = np.zeros(n, dtype=np.float32)
+        w1 = self._w1 if self.settings.merge == "probability" else np.ones(CROP, np.float32)
         for a in starts:
             w[a : a + CROP] += w1
-        return w
+        return self.to_device(w)
 
     def _finish(self, acc: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Blended scores / weights -> (P(urban) float32, class uint8), on the device."""
@@ -541,12 +554,45 @@ class InferenceEngine:
                     return
                 continue
             batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
+            if self._gather:
+                self._run_gathered(batch)
+                continue
             scores = self._run_views([sc.x[:, y : y + CROP, xx : xx + CROP] for sc, y, xx in batch])
             t = time.perf_counter()
             for j, (sc, y, xx) in enumerate(batch):
                 sc.acc[:, y : y + CROP, xx : xx + CROP] += scores[j]
                 sc.done += 1
             self.stage_s["blend"] += time.perf_counter() - t
+
+    def _run_gathered(self, batch: list[tuple[_Scene, int, int]]) -> None:
+        """Run and blend a batch the way a GPU does: per scene in it, its crops cut by one gather
+        into the batch buffer and their scores added by one scatter (``index_put_`` accumulating:
+        on one CPU thread in crop order, as the per-crop adds; on CUDA a stable sort keeps that
+        order), so the host launches a few kernels a batch, not two a crop."""
+        t = time.perf_counter()
+        groups: list[list] = []  # [scene, first crop, crops]: a scene's crops are consecutive
+        for sc, _, _ in batch:
+            if groups and groups[-1][0] is sc:
+                groups[-1][2] += 1
+            else:
+                groups.append([sc, sc.taken, 1])
+        buf = self._batch_buffer()[: len(batch)]
+        j = 0
+        for sc, a, n in groups:
+            # (C, n, 256, 256) in one gather, then into the batch's (channels-last) buffer
+            buf[j : j + n].copy_(sc.x[:, sc.rows[a : a + n], sc.cols[a : a + n]].transpose(0, 1))
+            sc.taken += n
+            j += n
+        self.stage_s["crop"] += time.perf_counter() - t
+        scores = self._scores(buf)
+        t = time.perf_counter()
+        j = 0
+        for sc, a, n in groups:
+            for k in range(sc.acc.shape[0]):
+                sc.acc[k].index_put_((sc.rows[a : a + n], sc.cols[a : a + n]), scores[j : j + n, k], accumulate=True)
+            sc.done += n
+            j += n
+        self.stage_s["blend"] += time.perf_counter() - t
 
     def _new_scene(self, key, x, valid, origin, k: int) -> _Scene:
         self._check_input(tuple(x.shape))
@@ -569,8 +615,14 @@ class InferenceEngine:
             crops = [c for c, hit in zip(crops, crop_hits(vp, ys, xs)) if hit]
         weight = torch.outer(self._axis_weight(hp, ys), self._axis_weight(wp, xs))
         acc = torch.zeros((k, hp, wp), dtype=torch.float32, device=self.device)
+        scene = _Scene(key, x, int(height), int(width), crops, acc, weight, valid)
+        if self._gather and crops:
+            at = np.array(crops, dtype=np.int64)
+            span = np.arange(CROP, dtype=np.int64)
+            scene.rows = self.to_device(at[:, 0, None, None] + span[None, :, None])
+            scene.cols = self.to_device(at[:, 1, None, None] + span[None, None, :])
         self.stage_s["scene"] += time.perf_counter() - t
-        return _Scene(key, x, int(height), int(width), crops, acc, weight, valid)
+        return scene
 
     def _end_scene(self, sc: _Scene) -> tuple[Any, torch.Tensor, torch.Tensor]:
         t = time.perf_counter()

@@ -155,6 +155,40 @@ def test_scenes_batched_together_equal_scenes_alone(tiny):
         np.testing.assert_allclose(together[i][0], alone.probability, atol=1e-4)  # batch 4 vs 1: rounding
 
 
+@pytest.mark.parametrize("seed_settings", [False, True], ids=["defaults, stride 100", "seed settings"])
+def test_crops_cut_by_gather_and_blended_by_scatter_equal_the_per_crop_path(tiny, seed_settings):
+    """Off a CPU the engine cuts a batch's crops of a scene by one gather and blends them by one
+    scatter-add (InferenceEngine._gather); run here on the CPU against the per-crop copies and adds:
+    batches that span scenes, crops skipped where the mask holds nothing, three crops deep
+    overlaps (stride 100), both merges. On one thread the scatter adds in crop order, bit for bit."""
+    shapes = [(300, 260), (120, 90), (256, 700), (530, 300)]
+    scenes = []
+    for s, (h, w) in enumerate(shapes):
+        export = fake_export(h, w, seed=10 + s)
+        valid = np.ones((h, w), bool)
+        valid[:, : w // 3] = False  # crops over the left third hold nothing: skipped
+        scenes.append((s, torch.from_numpy(bands.preprocess(export)), torch.from_numpy(valid), (s, 2 * s)))
+    make = (lambda: InferenceSettings.seed(device="cpu", batch_size=5)) if seed_settings else \
+        (lambda: InferenceSettings(device="cpu", precision="fp32", batch_size=5, stride=100))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = []
+        for gather in (False, True):
+            engine = InferenceEngine(tiny, make())
+            engine._gather = gather  # the way a GPU engine cuts and blends, run on the CPU
+            results.append({k: (p.numpy(), lab.numpy()) for k, p, lab in engine.predict_scenes(iter(scenes))})
+            assert engine.crops_run > 0
+    finally:
+        torch.set_num_threads(threads)
+    per_crop, gathered = results
+    assert sorted(per_crop) == sorted(gathered) == list(range(len(shapes)))
+    for k in per_crop:
+        np.testing.assert_array_equal(gathered[k][0], per_crop[k][0])
+        np.testing.assert_array_equal(gathered[k][1], per_crop[k][1])
+        assert np.isnan(gathered[k][0][:, : shapes[k][1] // 3]).all()
+
+
 def test_rows_encoded_on_the_device_equal_the_host_encoding(tiny):
     from gum_ray.imagery import probability_to_uint8
 
