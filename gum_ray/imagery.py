@@ -109,6 +109,28 @@ def input_quality(masks: dict[str, np.ndarray]) -> np.ndarray:
     return out
 
 
+def compact_input_quality(masks: dict[str, Any]) -> Any:
+    """:func:`input_quality` from the compact form's mask bytes: ``masks`` maps each modality of
+    :data:`QUALITY_BITS` to its ``<modality>_mask`` part, (bands, H, W) uint8 0/1 as
+    :func:`gum_ray.bands.encode_compact` writes them, numpy or torch (the result is of the same
+    kind, on the same device). A modality's bit is the bitwise AND of its bands' bytes, moved into
+    place: equal to ``input_quality`` of each mask's ``all(axis=0)`` for 0/1 bytes, in a third of
+    numpy's time on a CPU, and a few kernels on a GPU (no mask goes back to the host)."""
+    out = None
+    for name, bit in QUALITY_BITS.items():
+        m = masks[name]
+        r = m[0] & m[1] if len(m) > 1 else m[0] & 1  # a new array either way
+        for b in range(2, len(m)):
+            r &= m[b]
+        if bit > 1:
+            r <<= bit.bit_length() - 1
+        if out is None:
+            out = r
+        else:
+            out |= r
+    return out
+
+
 @dataclass
 class Imagery:
     """Imagery for one grid and one year, in the GUM export layout (see the module docstring).
@@ -273,6 +295,7 @@ __all__ = [
     "MODALITY_SLICES",
     "NODATA",
     "QUALITY_BITS",
+    "compact_input_quality",
     "QUALITY_S1",
     "QUALITY_S2",
     "QUALITY_TERRAIN",

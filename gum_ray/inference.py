@@ -281,6 +281,17 @@ class InferenceEngine:
         """``a`` as a tensor on the engine's device (uploaded once: pinned and asynchronous on CUDA)."""
         return _as_device_tensor(a, self.device)
 
+    def to_host(self, t: torch.Tensor) -> np.ndarray:
+        """A device tensor's values as a numpy array. From a GPU into page-locked memory, so the
+        copy is the GPU's DMA, with no host copy through a staging buffer (the host's work for a
+        cell's results is then a launch and a wait); on the CPU the tensor's own memory."""
+        if t.device.type != "cuda":
+            return t.cpu().numpy()
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
+        return out.numpy()  # the array holds the tensor (and its pinned block) while it lives
+
     # -- the network on one batch ---------------------------------------------------------
     def _batch_buffer(self) -> torch.Tensor:
         if self._batch is None:
@@ -381,10 +392,12 @@ class InferenceEngine:
         pred = self.predict(self.model.preprocess(imagery.export), origin=origin)
         return Prediction(pred.probability, pred.label, imagery.geobox, quality=quality).masked(valid)
 
-    def prepare_compact(self, parts: dict[str, np.ndarray | torch.Tensor], rows_per_block: int | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_compact(self, parts: dict[str, np.ndarray | torch.Tensor], rows_per_block: int | None = None,
+                        quality: bool = False) -> tuple[torch.Tensor, ...]:
         """Compact integer parts (:data:`gum_ray.imagery.COMPACT_PARTS`, as cached) -> the network
-        input (C, H, W) float32 and the model's validity (H, W) bool, on the engine's device.
+        input (C, H, W) float32 and the model's validity (H, W) bool, on the engine's device; with
+        ``quality``, also the pixels' input quality (H, W) uint8
+        (:func:`gum_ray.imagery.compact_input_quality`, from the masks already uploaded).
 
         The integers are uploaded once; decoding (:func:`gum_ray.bands.decode_compact`) and the
         model's own ``preprocess`` and ``validity`` run on the device, in row blocks
@@ -439,7 +452,15 @@ class InferenceEngine:
                 # GUM 1's validity: every Sentinel-2 band present, i.e. the least mask byte is not 0
                 torch.ne(torch.amin(dev["s2_mask"][:, rows], dim=0, out=s2_valid[:n]), 0, out=valid[rows])
         self.stage_s["decode+preprocess"] += time.perf_counter() - t
-        return x, valid
+        if not quality:
+            return x, valid
+        from gum_ray.imagery import QUALITY_BITS, compact_input_quality
+
+        t = time.perf_counter()
+        with torch.inference_mode():
+            q = compact_input_quality({m: dev[m + "_mask"] for m in QUALITY_BITS})
+        self.stage_s["quality"] += time.perf_counter() - t
+        return x, valid, q
 
     def _upload_parts(self, parts: dict[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
         """The parts on the device. On CUDA they are copied on a stream of their own, so a cell's

@@ -271,6 +271,47 @@ def test_gum2_preprocessing_on_tensors_and_through_compact_parts(notebook):
     np.testing.assert_array_equal(got_p.probability[v], want.probability[v])
 
 
+def test_input_quality_from_the_mask_bytes_on_the_device_equals_the_host_masks(tiny):
+    """A model actor takes a cell's input quality from the uploaded mask bytes (bitwise ANDs on the
+    device, prepare_compact(quality=True)): equal to input_quality of each modality's every-band
+    mask, for mask bytes of every pattern (each band alone absent, all, none), numpy and torch."""
+    from gum_ray.imagery import QUALITY_BITS, compact_input_quality, input_quality
+
+    rng = np.random.default_rng(5)
+    parts = bands.encode_compact(fake_export(64, 300, seed=9))
+    for m, k in (("s2", 4), ("s1", 4), ("terrain", 3)):
+        mask = (rng.random((k, 64, 300)) < 0.8).astype(np.uint8)
+        mask[:, :8] = 1
+        mask[:, 8:16] = 0
+        for b in range(k):  # each band alone absent
+            mask[:, 16 + 2 * b : 18 + 2 * b] = 1
+            mask[b, 16 + 2 * b : 18 + 2 * b] = 0
+        parts[m + "_mask"] = mask
+    want = input_quality({m: parts[m + "_mask"].all(axis=0) for m in QUALITY_BITS})
+    assert len(np.unique(want)) == 8  # every combination of the three bits occurs
+    np.testing.assert_array_equal(compact_input_quality({m: parts[m + "_mask"] for m in QUALITY_BITS}), want)
+    engine = InferenceEngine(tiny, InferenceSettings(device="cpu"))
+    x, valid, quality = engine.prepare_compact({k: torch.from_numpy(v) for k, v in parts.items()}, quality=True)
+    assert quality.dtype == torch.uint8
+    np.testing.assert_array_equal(engine.to_host(quality), want)
+    x2, valid2 = engine.prepare_compact(parts)  # without: the same input and validity
+    assert torch.equal(x, x2) and torch.equal(valid, valid2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_results_downloaded_into_pinned_memory_equal_the_device_values(tiny):
+    """On CUDA the results come back through page-locked memory (InferenceEngine.to_host) and
+    stay valid after the tensor they came from is gone."""
+    engine = InferenceEngine(tiny, InferenceSettings(device="cuda"))
+    t = torch.rand((300, 257), device="cuda").half()
+    want = t.cpu().numpy()
+    got = engine.to_host(t)
+    del t
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.float16 and got.shape == (300, 257)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cells_uploaded_on_a_side_stream_equal_the_cpu_engine(tiny):
     """On CUDA each cell's integers are copied from pinned memory on a stream of their own, the

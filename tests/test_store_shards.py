@@ -3,6 +3,8 @@ every layout it takes; Zarr for any other; a damaged object is an error, never w
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import zarr
@@ -145,6 +147,51 @@ def test_the_cache_reads_its_own_layout_directly_and_older_entries_too(store_roo
         np.testing.assert_array_equal(parts[name], v)
     assert read_array(fs.join(path, "s1")) is None  # gzip: read by Zarr
     np.testing.assert_array_equal(read_array(fs.join(path, "terrain")), want["terrain"])  # zstd, directly
+
+
+def test_a_mask_s_common_byte_is_its_fill_value_and_not_stored(tmp_path):
+    """Each mask is written with its more common byte as the fill value, so inner chunks of only
+    that byte are not stored (an all-present mask, an all-absent one: no shard at all) and read
+    back as a fill; mixed masks and entries written with a fill of 0 before read the same."""
+    cache = ImageryCache(str(tmp_path / "cache"))
+    cell = ProductGrid(cell_deg=0.1, chunk_px=40).cell_at(13.41, 52.51)
+    gbox = cell.utm_geobox(halo_px=16)
+    h, w = gbox.shape.y, gbox.shape.x
+    assert h > 1024  # three inner chunks of rows a band
+    export = fake_export((h, w))
+    export[4:8] = np.nan  # no Sentinel-1: its mask is all 0
+    export[0:4, :300] = np.nan  # Sentinel-2 absent in the first inner chunk of rows, present below
+    export[0:4, 600:610, :7] = np.nan  # and a few pixels in the second
+    cache.put(2021, cell, Imagery.from_export(export, gbox))
+    want = encode_compact(export)
+    path = cache.path(2021, cell)
+    fills = {}
+    for name in ("s2_mask", "s1_mask", "terrain_mask"):
+        meta = json.loads(fs.read_bytes(fs.join(path, name, "zarr.json")))
+        fills[name] = meta["fill_value"]
+    assert fills == {"s2_mask": 1, "s1_mask": 0, "terrain_mask": 1}
+    for name in ("s1_mask", "terrain_mask"):  # only the fill value: nothing stored
+        assert not fs.exists(fs.join(path, name, "c", "0", "0", "0"))
+    raw = fs.read_bytes(fs.join(path, "s2_mask", "c", "0", "0", "0"))
+    n_chunks = 4 * -(-h // 512)
+    index = np.frombuffer(raw[len(raw) - 16 * n_chunks - 4 : -4], "<u8").reshape(n_chunks, 2)
+    stored = [bool(i[0] != 2**64 - 1) for i in index]
+    assert stored[:2] == [True, True] and not any(stored[2 : -(-h // 512)])  # band 0: rows 0-1023 only
+    parts, _, _ = cache.get_compact(2021, cell)
+    for name, v in want.items():
+        np.testing.assert_array_equal(parts[name], v)
+    # an entry written before, with 0 as every mask's fill value, reads the same
+    g = zarr.open_group(fs.zarr_store(path), mode="r+", zarr_format=3)
+    for name in ("s2_mask", "s1_mask", "terrain_mask"):
+        nb = want[name].shape[0]
+        del g[name]
+        z = g.create_array(name, shape=want[name].shape, dtype="uint8", chunks=(1, 512, w),
+                           shards=(nb, -(-h // 512) * 512, w), fill_value=0,
+                           compressors=[BloscCodec(cname="lz4hc", clevel=5, typesize=1, shuffle="noshuffle")])
+        z[...] = want[name]
+    parts, _, _ = cache.get_compact(2021, cell)
+    for name, v in want.items():
+        np.testing.assert_array_equal(parts[name], v)
 
 
 def test_a_damaged_cache_entry_is_an_error_and_fetched_again(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import collections
 import shutil
 import sys
 import tempfile
@@ -81,6 +82,61 @@ class NearFree:
         raise NotImplementedError
 
 
+#: the host's cost of one kernel launch by PyTorch on CUDA (dispatcher, TensorIterator, the CUDA
+#: runtime's launch): an assumption, not measured here (no GPU): 5-10 us is what eager PyTorch
+#: usually takes; the larger is taken. Measured on a GPU with ``--device cuda`` instead.
+LAUNCH_S = 10e-6
+#: launches one aten op stands for where it is more than one kernel on CUDA: an accumulating
+#: index_put_ makes a linear index, sorts it (CUB radix sort: several passes) and scatters
+MULTI_LAUNCH = {"aten.index_put_.default": 8, "aten._index_put_impl_.default": 8, "aten.index_put.default": 8}
+
+
+class LaunchCount:
+    """Count the kernels a block of engine code would launch on a GPU, run on the ``meta`` device:
+    every aten op that is not a view or an allocation is a launch (:data:`MULTI_LAUNCH` where it is
+    several); the time spent inside those ops on ``meta`` (some of which are Python reference
+    implementations there, up to a millisecond an op, where CUDA's host spends microseconds) is
+    taken out of the wall time and :data:`LAUNCH_S` a launch put in its place."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                t = time.perf_counter()
+                out = func(*args, **(kwargs or {}))
+                name = str(func)
+                op = name.split(".")[1]
+                if op in ("to", "contiguous"):  # a launch only where it copies
+                    launch = out is not args[0]
+                else:  # views and allocations launch nothing
+                    launch = not (func.is_view or op.startswith(("empty", "new_empty", "detach", "lift_fresh", "alias")))
+                if launch:
+                    counter.inside += time.perf_counter() - t
+                    counter.launches += MULTI_LAUNCH.get(name, 1)
+                    counter.ops[name] += 1
+                return out
+
+        self.mode = Mode
+        self.launches = 0
+        self.inside = 0.0
+        self.ops: collections.Counter = collections.Counter()
+
+    def host_s(self, fn) -> float:
+        """The host's time for ``fn()`` on a GPU, estimated as above (``fn`` runs twice: timed
+        alone, then counted)."""
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+        self.launches, self.inside = 0, 0.0
+        self.ops.clear()
+        with self.mode():
+            fn()
+        return max(wall - self.inside, 0.0) + self.launches * LAUNCH_S
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default=str(DEFAULT_IMAGE))
@@ -93,6 +149,7 @@ def main() -> int:
     ap.add_argument("--codecs", action="store_true",
                     help="also decompress the same arrays with numcodecs directly (zstd 1/3, Blosc lz4 and lz4hc with byte shuffle, "
                          "on one thread), without Zarr")
+    ap.add_argument("--ops", action="store_true", help="also list the aten ops the GPU path's bookkeeping launches")
     ap.add_argument("--readers", type=int, default=2,
                     help="also read + decompress the cell on 1..N threads at once (a model actor's readers)")
     args = ap.parse_args()
@@ -145,8 +202,9 @@ def main() -> int:
             np.copyto(staged[k], v)  # the host side of an upload: a copy into (pinned) staging memory
         t["upload (copy)"] = time.perf_counter() - t0
         eng._code_tables()  # made once per engine (a model actor's lifetime), not per cell
-        x, valid = eng.prepare_compact(staged)
+        x, valid, quality = eng.prepare_compact(staged, quality=True)
         t["decode + preprocess"] = eng.stage_s["decode+preprocess"]
+        t["input quality"] = eng.stage_s["quality"]
         eng.stage_s.clear()
         # the same through the per-op path (decode_compact, then the model's preprocess: a family
         # whose preprocessing mixes bands, e.g. GUM 2.0's), for comparison; not in the total
@@ -169,7 +227,7 @@ def main() -> int:
         # a model actor's steady state: a cell's arrays are freed before the next cell's are made
         # (the process keeps freed memory, inference.retain_freed_memory), so later repeats reuse
         # it rather than fault fresh pages in
-        del parts, staged, x, valid, prob, eng
+        del parts, staged, x, valid, quality, prob, eng
 
     # bookkeeping alone: the engine on the meta device (shapes only, no arithmetic)
     meta_eng = InferenceEngine(model, InferenceSettings(stride=args.stride, device="meta", precision="fp32",
@@ -177,13 +235,18 @@ def main() -> int:
     xm = torch.empty((10, h, w), device="meta")
     t0 = time.perf_counter()
     list(meta_eng.predict_scenes([(0, xm, None, (0, 0))]))
-    book = (time.perf_counter() - t0) / max(meta_eng.crops_run, 1)
+    book_meta = (time.perf_counter() - t0) / max(meta_eng.crops_run, 1)
+    count = LaunchCount()
+    book = count.host_s(lambda: list(meta_eng.predict_scenes([(0, xm, None, (0, 0))]))) / crops
+    book_launches, book_ops = count.launches, dict(count.ops)
     # and the decode's dispatch on the device (prepare_compact's ops, one block a cell off a CPU)
     meta_parts = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in specs.items()}
-    meta_eng.prepare_compact(meta_parts)  # its tables, made once per actor
+    meta_eng.prepare_compact(meta_parts, quality=True)  # its tables, made once per actor
     t0 = time.perf_counter()
-    meta_eng.prepare_compact(meta_parts)
-    dispatch = (time.perf_counter() - t0) / max(meta_eng.crops_run, 1)
+    meta_eng.prepare_compact(meta_parts, quality=True)
+    dispatch_meta = (time.perf_counter() - t0) / crops
+    dispatch = count.host_s(lambda: meta_eng.prepare_compact(meta_parts, quality=True)) / crops
+    dispatch_launches = count.launches
 
     # the actor's reader threads: cells read and decompressed at once, aggregate throughput
     import concurrent.futures
@@ -235,14 +298,18 @@ def main() -> int:
     print(f"# decode + preprocess by table lookup (GUM 1) {best['decode + preprocess'] * 1e9 / px:.1f} ns/px; "
           f"per op (decode_compact, then preprocess) {per_op * 1e9 / px:.1f} ns/px")
     # beside a GPU the model actor decompresses into pinned memory (stages.TensorMemory), which the
-    # device reads by DMA: the copy into staging memory measured here is not host work there. The
-    # meta device's in-place add is a Python kernel (about 20 us a crop more than a CUDA launch),
-    # so the bookkeeping is an upper bound
+    # device reads by DMA: the copy into staging memory measured here is not host work there; its
+    # results come back into pinned memory too (InferenceEngine.to_host)
     gpu_host = (best["decompress"] + best["read"]) / crops + book + dispatch
     print(f"# CPU work per crop when the device is a GPU: read + decompress (into pinned memory) "
-          f"{(best['read'] + best['decompress']) * 1e3 / crops:.3f} ms, bookkeeping {book * 1e3:.3f} ms + decode "
-          f"dispatch {dispatch * 1e3:.3f} ms (meta device, batch 32) = {gpu_host * 1e3:.3f} ms per crop per thread (a copy into staging memory, which the "
-          f"actor no longer makes, would add {best['upload (copy)'] * 1e3 / crops:.3f} ms)")
+          f"{(best['read'] + best['decompress']) * 1e3 / crops:.3f} ms, bookkeeping {book * 1e3:.3f} ms "
+          f"({book_launches / crops:.2f} launches a crop) + decode and input-quality dispatch {dispatch * 1e3:.3f} ms "
+          f"({dispatch_launches} launches a cell) = {gpu_host * 1e3:.3f} ms per crop per thread (batch 32; the engine's "
+          f"Python timed on the meta device, each launch counted at {LAUNCH_S * 1e6:.0f} us; timed on meta as it is, an "
+          f"upper bound: {book_meta * 1e3:.3f} + {dispatch_meta * 1e3:.3f} ms; a copy into staging memory, which the "
+          f"actor does not make, would add {best['upload (copy)'] * 1e3 / crops:.3f} ms)")
+    if args.ops:
+        print("# launches of the bookkeeping a cell: " + ", ".join(f"{k} {v}" for k, v in sorted(book_ops.items())))
     for name, t_c, ratio in codec_rows:
         print(f"# numcodecs {name} alone: {t_c * 1e9 / px:.1f} ns/px ({ratio:.1f}x compression)")
     print("# reader threads (read + decompress whole cells at once): " + ", ".join(

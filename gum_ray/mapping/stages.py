@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from gum_ray.imagery import QUALITY_BITS, Prediction, input_quality
+from gum_ray.imagery import Prediction
 from gum_ray.mapping.job import MapJob
 from gum_ray.network import check_compatible
 
@@ -184,9 +184,9 @@ class CellPredictor:
                 try:
                     parts, tensors, geobox, provenance, read_s = read.result()
                     check_compatible(self.model, "products" in parts, what=f"the cached imagery of cell {cell.id}")
-                    # which inputs each pixel had, whatever the model maps (from the masks, on the host)
-                    quality = input_quality({m: parts[f"{m}_mask"].all(axis=0) for m in QUALITY_BITS})
-                    x, valid = self.engine.prepare_compact(tensors)
+                    # and which inputs each pixel had, whatever the model maps (from the masks, on
+                    # the device: the host only downloads the result)
+                    x, valid, quality = self.engine.prepare_compact(tensors, quality=True)
                     del tensors
                 except Exception as exc:  # noqa: BLE001 - this cell's failure, reported as its value
                     if not errors_as_values:
@@ -205,11 +205,11 @@ class CellPredictor:
         for i, prob, _ in self.engine.predict_scenes(scenes()):
             geobox, provenance, quality, t0, read_s, crops0 = meta.pop(i)
             out[i] = Prediction(
-                prob.half().cpu().numpy(), None, geobox,
+                self.engine.to_host(prob.half()), None, geobox,
                 {"source_dates": provenance.get("dates"), "predict_s": time.perf_counter() - t0,
                  "read_s": read_s, "crops": self.engine.crops_run - crops0,
                  "model_family": self.model.family},
-                quality=quality,
+                quality=self.engine.to_host(quality),
             )
         return out
 

@@ -13,7 +13,8 @@ Earth Engine quota twice. :meth:`ImageryCache.put` takes and :meth:`ImageryCache
         s2, s1, terrain[, products]          compact integer bands (bands.encode_compact):
                                              uint16 reflectance x 10000, int16 dB x 100,
                                              int16 terrain (m, centi-degrees), uint8 products
-        s2_mask, s1_mask, terrain_mask       uint8 validity (1 = value present)
+        s2_mask, s1_mask, terrain_mask       uint8 validity (1 = value present; the more
+                                             common byte is the fill value, not stored)
         zarr.json attributes                 geobox (CRS WKT, affine, shape), provenance,
                                              band names, "complete": true (written last)
 
@@ -147,9 +148,13 @@ class ImageryCache:
             shard = (nb, -(-h // ch[1]) * ch[1], w)
             codec = BloscCodec(**CODEC, typesize=arr.dtype.itemsize,
                                shuffle="shuffle" if arr.dtype.itemsize > 1 else "noshuffle")
+            # a mask's fill value is its more common byte (1 where most pixels have the input, 0
+            # where most lack it, e.g. no Sentinel-1): inner chunks of only that byte, most of a
+            # cell's, are not stored, and a reader fills them rather than decompressing them
+            fill = int(np.count_nonzero(arr) * 2 >= arr.size) if name.endswith("_mask") else 0
             z = g.create_array(
                 name, shape=arr.shape, dtype=arr.dtype, chunks=ch, shards=shard,
-                fill_value=0, compressors=[codec],
+                fill_value=fill, compressors=[codec],
                 dimension_names=["band", "y", "x"],
             )
             z[...] = arr
