@@ -397,7 +397,9 @@ class InferenceEngine:
         """Compact integer parts (:data:`gum_ray.imagery.COMPACT_PARTS`, as cached) -> the network
         input (C, H, W) float32 and the model's validity (H, W) bool, on the engine's device; with
         ``quality``, also the pixels' input quality (H, W) uint8
-        (:func:`gum_ray.imagery.compact_input_quality`, from the masks already uploaded).
+        (:func:`gum_ray.imagery.compact_input_quality`, from the masks already uploaded). A value
+        part may hold just the bands :meth:`compact_bands` names for it (as the imagery cache reads
+        them for this engine) or all of them.
 
         The integers are uploaded once; decoding (:func:`gum_ray.bands.decode_compact`) and the
         model's own ``preprocess`` and ``validity`` run on the device, in row blocks
@@ -425,7 +427,9 @@ class InferenceEngine:
         reads: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
         for c, (part, band) in enumerate(self._sources):
             reads[part].append((c, band))
-        spans = {part: slice(min(b for _, b in cb), max(b for _, b in cb) + 1) for part, cb in reads.items()}
+        spans = self.compact_bands() or {}
+        # a part read as just its span (compact_bands) holds band span.start first
+        first = {part: sp.start if dev[part].shape[0] == sp.stop - sp.start else 0 for part, sp in spans.items()}
         if tables is not None:
             index = {part: torch.empty((sp.stop - sp.start, rows_per_block, w), dtype=torch.int32, device=self.device)
                      for part, sp in spans.items()}
@@ -443,10 +447,10 @@ class InferenceEngine:
                     bands = spans[part]
                     mask = dev.get(part + "_mask")
                     if by_band is not None:  # a CPU: per band, by what its mask holds in this block
-                        self._lookup_bands(x, rows, dev[part], mask, chans, index[part][0, :n], by_band)
+                        self._lookup_bands(x, rows, dev[part], first[part], mask, chans, index[part][0, :n], by_band)
                         continue
-                    i = code_index(dev[part][bands, rows], None if mask is None else mask[bands, rows],
-                                   out=index[part][:, :n])
+                    i = code_index(dev[part][bands.start - first[part] : bands.stop - first[part], rows],
+                                   None if mask is None else mask[bands, rows], out=index[part][:, :n])
                     for c, band in chans:
                         torch.index_select(tables[c], 0, i[band - bands.start].view(-1), out=x[c, rows].view(-1))
                 # GUM 1's validity: every Sentinel-2 band present, i.e. the least mask byte is not 0
@@ -497,18 +501,19 @@ class InferenceEngine:
         return self._by_band
 
     @staticmethod
-    def _lookup_bands(x: torch.Tensor, rows: slice, codes: torch.Tensor, mask: torch.Tensor | None,
+    def _lookup_bands(x: torch.Tensor, rows: slice, codes: torch.Tensor, first: int, mask: torch.Tensor | None,
                       chans: list[tuple[int, int]], index: torch.Tensor,
                       by_band: tuple[torch.Tensor, torch.Tensor, list[float | None]]) -> None:
-        """``x[c, rows]`` for each (channel, band) of one compact part, on a CPU: a block whose mask
-        is all present is one lookup of the code's bits; all absent, the absent value; mixed, the
-        lookup of the whole table with the mask byte (:func:`gum_ray.bands.code_index`)."""
+        """``x[c, rows]`` for each (channel, band) of one compact part (whose ``codes`` start at
+        band ``first``), on a CPU: a block whose mask is all present is one lookup of the code's
+        bits; all absent, the absent value; mixed, the lookup of the whole table with the mask byte
+        (:func:`gum_ray.bands.code_index`)."""
         from gum_ray.bands import code_index
 
         tables, present, absent = by_band
         for c, band in chans:
             out = x[c, rows].view(-1)
-            code = codes[band, rows]
+            code = codes[band - first, rows]
             if mask is not None:
                 m = mask[band, rows]
                 lo, hi = (int(v) for v in torch.aminmax(m))
@@ -520,6 +525,20 @@ class InferenceEngine:
                     continue
             index.copy_(code.view(torch.uint16) if code.dtype == torch.int16 else code)
             torch.index_select(present[c], 0, index.view(-1), out=out)
+
+    def compact_bands(self) -> dict[str, slice] | None:
+        """Which bands of each compact part's values the engine reads, for a family whose channels
+        each come from one band (GUM 1: not the elevation, ``terrain`` band 0): part -> band range
+        (:meth:`~gum_ray.store.cache.ImageryCache.get_compact` then decompresses no other); None
+        for a family that reads every band. The masks are always read whole (validity and input
+        quality take every band's)."""
+        if self._code_tables() is None:
+            return None
+        spans: dict[str, slice] = {}
+        for part, band in self._sources:
+            sp = spans.get(part)
+            spans[part] = slice(band, band + 1) if sp is None else slice(min(sp.start, band), max(sp.stop, band + 1))
+        return spans
 
     def _code_tables(self) -> torch.Tensor | None:
         """The model's code tables on the device (:func:`gum_ray.bands.code_tables`), made on first

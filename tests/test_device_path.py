@@ -87,6 +87,33 @@ def test_table_lookup_equals_decode_and_preprocess_for_every_code(spec, rows_per
     np.testing.assert_array_equal(valid.numpy(), model.validity(export))
 
 
+@pytest.mark.parametrize("spec", [TINY, TINY13])
+@pytest.mark.parametrize("by_mask", [True, False], ids=["cpu branches", "gpu branchless"])
+def test_parts_read_as_just_the_bands_the_engine_reads_give_the_same_input(spec, by_mask):
+    """GUM 1 reads no elevation (terrain band 0): the engine says so (compact_bands), the cache
+    then decompresses only terrain bands 1-2, and parts that hold just those give the input,
+    validity and quality of whole parts; a family that reads every band asks for all."""
+    from gum_ray.gum2 import Gum2
+
+    model = Gum1.from_module(build_model(spec))
+    engine = InferenceEngine(model, InferenceSettings(device="cpu"))
+    engine._by_mask = by_mask
+    bands_read = engine.compact_bands()
+    want = {"s2": slice(0, 4), "s1": slice(0, 4), "terrain": slice(1, 3)}
+    if spec.with_products:
+        want["products"] = slice(0, 3)
+    assert bands_read == want
+    parts = bands.encode_compact(fake_export(130, 90, n=spec.in_channels + 1, seed=2))
+    parts["terrain_mask"][0, 5:9] = 0  # elevation alone absent somewhere: quality sees it
+    parts["terrain_mask"][2, 20:22] = 0
+    partial = {k: (v[bands_read[k]].copy() if k in bands_read else v) for k, v in parts.items()}
+    assert partial["terrain"].shape[0] == 2
+    got, whole = engine.prepare_compact(partial, quality=True), engine.prepare_compact(parts, quality=True)
+    for a, b in zip(got, whole):
+        assert torch.equal(a, b)
+    assert InferenceEngine(Gum2.random(8, seed=2, size=32), InferenceSettings(device="cpu")).compact_bands() is None
+
+
 def test_code_tables_refuse_a_preprocessing_that_mixes_bands():
     def mixing(export):
         out = bands.preprocess(export)

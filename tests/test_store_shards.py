@@ -61,6 +61,39 @@ def test_same_as_zarr_for_every_inner_chunk_layout(tmp_path, inner, dtype, codec
     np.testing.assert_array_equal(got, z[...])
 
 
+@pytest.mark.parametrize("inner", [(1, 5, 17), (1, 23, 17), (3, 5, 17)])
+def test_a_range_of_bands_decodes_only_those(tmp_path, inner):
+    """``first`` (a band range): with one band per inner chunk only that range is decoded and
+    returned; with several bands per chunk the whole array comes back; an array of only the fill
+    value gives the range filled; a reversed or empty range is refused."""
+    import gum_ray.store.shards as shards
+
+    a = sample(dtype=np.int16)
+    path, _ = write(str(tmp_path / "g"), a, inner, compressors=[CODECS["blosc lz4hc shuffle (the cache's)"](a.dtype)])
+    whole_path = path
+    calls = []
+    real = shards._DECODERS["blosc"]
+    shards._DECODERS["blosc"] = (real[0], lambda blob, out: calls.append(1) or real[1](blob, out), real[2])
+    try:
+        for want_range in (slice(1, 3), slice(2, 3), slice(0, a.shape[0])):
+            calls.clear()
+            got = read_array(path, first=want_range)
+            if inner[0] == 1:
+                np.testing.assert_array_equal(got, a[want_range])
+                rows_chunks = -(-a.shape[1] // inner[1]) * -(-a.shape[2] // inner[2])
+                assert len(calls) == (want_range.stop - want_range.start) * rows_chunks  # no other band decoded
+            else:
+                np.testing.assert_array_equal(got, a)
+    finally:
+        shards._DECODERS["blosc"] = real
+    empty = np.full((3, 10, 4), 7, np.uint8)
+    path, _ = write(str(tmp_path / "h"), empty, (1, 5, 4), fill=7)
+    np.testing.assert_array_equal(read_array(path, first=slice(1, 3)), empty[1:3])
+    if inner[0] == 1:
+        with pytest.raises(ValueError, match="range"):
+            read_array(whole_path, first=slice(2, 1))
+
+
 def test_fill_value_chunks_and_missing_shard(tmp_path):
     """Inner chunks holding only the fill value are not stored (index entry 2**64-1): they read as
     the fill value; so does an array with no shard object at all."""
@@ -298,3 +331,9 @@ def test_a_model_actor_reads_into_tensors_it_hands_to_the_engine(tmp_path, pin):
         t = tensors[name]
         assert isinstance(t, torch.Tensor) and t.is_pinned() == pin
         assert t.data_ptr() == parts[name].ctypes.data  # the same memory, no copy
+    # with the bands a GUM 1 engine reads: terrain holds bands 1-2 only, the rest whole
+    parts, tensors, _, _, _ = CellPredictor._read(cache, 2020, cell, pin, {"s2": slice(0, 4), "terrain": slice(1, 3)})
+    np.testing.assert_array_equal(parts["terrain"], want["terrain"][1:3])
+    assert tensors["terrain"].shape[0] == 2
+    for name in set(want) - {"terrain"}:
+        np.testing.assert_array_equal(parts[name], want[name])

@@ -119,6 +119,7 @@ class CellPredictor:
         self.error: BaseException | None = None
         self.readers = 1
         self._pin = False
+        self._bands = None
         try:
             import torch
 
@@ -132,6 +133,7 @@ class CellPredictor:
             self.engine = InferenceEngine(load_model(local_checkpoint(checkpoint, sha256), family=job.model),
                                           job.inference)
             self.model = self.engine.model
+            self._bands = self.engine.compact_bands()  # the bands it reads: no others decompressed
             if self.engine.device.type == "cuda":  # the host only decompresses: several cells at once
                 import os
 
@@ -170,7 +172,7 @@ class CellPredictor:
         cache = self.job.imagery_cache()
         todo = [self.job.cell(r, c) for r, c in cells]
         # the first cells' reads start now; each cell taken starts the read of the next one not asked
-        reads = collections.deque(self._reader.submit(self._read, cache, year, c, self._pin)
+        reads = collections.deque(self._reader.submit(self._read, cache, year, c, self._pin, self._bands)
                                   for c in todo[: self.readers])
         meta: dict[int, tuple] = {}
         out: list[Prediction | StageFailed] = [None] * len(todo)  # type: ignore[list-item]
@@ -180,7 +182,8 @@ class CellPredictor:
                 t0 = time.perf_counter()
                 read = reads.popleft()
                 if i + self.readers < len(todo):  # decompress the next cells while this one runs
-                    reads.append(self._reader.submit(self._read, cache, year, todo[i + self.readers], self._pin))
+                    reads.append(self._reader.submit(self._read, cache, year, todo[i + self.readers], self._pin,
+                                                     self._bands))
                 try:
                     parts, tensors, geobox, provenance, read_s = read.result()
                     check_compatible(self.model, "products" in parts, what=f"the cached imagery of cell {cell.id}")
@@ -220,13 +223,14 @@ class CellPredictor:
         return res[0] if len(res) == 1 else tuple(res)
 
     @staticmethod
-    def _read(cache, year: int, cell, pin: bool = False) -> tuple:
-        """The cell's compact parts as numpy arrays and as the torch tensors that own their memory
-        (pinned with ``pin``: the engine uploads those by DMA, no staging copy), GeoBox, provenance
-        and the seconds it took."""
+    def _read(cache, year: int, cell, pin: bool = False, bands: dict | None = None) -> tuple:
+        """The cell's compact parts (the value bands in ``bands`` only, where given: the engine's
+        ``compact_bands``) as numpy arrays and as the torch tensors that own their memory (pinned
+        with ``pin``: the engine uploads those by DMA, no staging copy), GeoBox, provenance and the
+        seconds it took."""
         t = time.perf_counter()
         memory = TensorMemory(pin)
-        parts, geobox, provenance = cache.get_compact(year, cell, memory)
+        parts, geobox, provenance = cache.get_compact(year, cell, memory, bands)
         return parts, {k: memory.tensor_of(v) for k, v in parts.items()}, geobox, provenance, time.perf_counter() - t
 
 

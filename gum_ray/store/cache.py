@@ -178,14 +178,18 @@ class ImageryCache:
         parts, geobox, provenance = self.get_compact(year, cell)
         return Imagery.from_compact(parts, geobox, provenance)
 
-    def get_compact(self, year: int, cell: Cell, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None
-                    ) -> tuple[dict[str, np.ndarray], Any, dict[str, Any]]:
+    def get_compact(self, year: int, cell: Cell, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
+                    bands: Mapping[str, slice] | None = None) -> tuple[dict[str, np.ndarray], Any, dict[str, Any]]:
         """The cached entry of (year, cell) as stored: its compact integer parts
         (:data:`~gum_ray.imagery.COMPACT_PARTS`, decompressed, not decoded), GeoBox and provenance.
 
         What a model actor uploads to its device (:meth:`gum_ray.inference.InferenceEngine.prepare_compact`).
         Each part is one object read and decompressed in place (:func:`gum_ray.store.shards.read_array`,
         into ``alloc(shape, dtype)`` if given), or through Zarr for a layout that reader does not take.
+        ``bands``: part -> the range of its bands wanted (the engine's
+        :meth:`~gum_ray.inference.InferenceEngine.compact_bands`); where the entry's layout allows it
+        (one band per inner chunk) only those are decompressed and the part holds only them, else
+        the part is whole.
         :class:`InputError` if it is not cached (completely).
         """
         path = self.path(year, cell)
@@ -201,7 +205,7 @@ class ImageryCache:
             if name not in present:
                 continue
             try:
-                a = read_array(fs.join(path, name), alloc)
+                a = read_array(fs.join(path, name), alloc, (bands or {}).get(name))
             except FileNotFoundError:  # its zarr.json is gone: a deletion cut short (below)
                 continue
             except CorruptShard as exc:

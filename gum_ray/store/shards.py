@@ -93,31 +93,44 @@ def layout(meta: dict[str, Any]
         return None
 
 
-def read_array(path: str, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None
-               ) -> np.ndarray | None:
+def read_array(path: str, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
+               first: slice | None = None) -> np.ndarray | None:
     """The array stored at ``path`` (a Zarr v3 array's folder, local or ``gs://``), or None if its
     layout is not the one read here (:func:`layout`). ``alloc(shape, dtype)`` gives the array to
-    fill (default ``np.empty``; e.g. pinned memory for a GPU upload)."""
+    fill (default ``np.empty``; e.g. pinned memory for a GPU upload).
+
+    ``first``: only these indices of the first axis (a band range, ``step`` 1) are wanted. Where
+    the inner chunks hold one index of that axis each (the imagery cache's layout), only their
+    chunks are decompressed and the array returned holds just them; otherwise the whole array is
+    returned (the caller tells the two apart by the shape)."""
     meta = json.loads(fs.read_bytes(fs.join(path, "zarr.json")))
     spec = layout(meta)
     if spec is None:
         return None
     shape, dtype, fill, inner, grid, codec = spec
+    start = 0
+    if first is not None and len(shape) > 1 and inner[0] == 1:
+        start, stop, step = first.indices(shape[0])
+        if step != 1 or stop <= start:
+            raise ValueError(f"{path}: the first axis' range {first} is not a non-empty range of step 1")
+        shape = (stop - start, *shape[1:])
     out = (alloc or np.empty)(shape, dtype)
     try:
         raw = fs.read_bytes(fs.join(path, "c", *(["0"] * len(shape))))
     except FileNotFoundError:  # nothing but the fill value was written
         out[...] = fill
         return out
-    decode_into(raw, out, inner, grid, fill, what=path, codec=codec)
+    decode_into(raw, out, inner, grid, fill, what=path, codec=codec, first=start)
     return out
 
 
 def decode_into(raw: bytes, out: np.ndarray, inner: tuple[int, ...], shard_grid: tuple[int, ...], fill: Any,
-                what: str = "shard", codec: str = "zstd") -> None:
+                what: str = "shard", codec: str = "zstd", first: int = 0) -> None:
     """Decode the shard ``raw`` (inner chunks of shape ``inner``, ``shard_grid`` of them per axis,
     indexed in C order, each compressed by ``codec``: ``"blosc"`` or ``"zstd"``) into ``out`` (the
-    array, whose shape the shard covers)."""
+    array, whose shape the shard covers; with ``first``, where inner chunks are one index of the
+    first axis deep, ``out`` is that axis' indices ``first, first + 1, ...`` only, and the other
+    chunks are not decoded)."""
     import google_crc32c
 
     n = math.prod(shard_grid)
@@ -129,12 +142,15 @@ def decode_into(raw: bytes, out: np.ndarray, inner: tuple[int, ...], shard_grid:
     if np.uint32(google_crc32c.value(bytes(index))).tobytes() != bytes(view[size - 4 :]):
         raise CorruptShard(f"{what}: the shard index's checksum does not match (a damaged object)")
     entries = np.frombuffer(index, "<u8").reshape(n, 2)
+    if first and inner[0] != 1:
+        raise ValueError(f"{what}: a range of the first axis is read only where inner chunks are one index deep")
     grid = [-(-s // c) for s, c in zip(out.shape, inner)]  # inner chunks that hold array pixels
     declared_size, decode, always_declared = _DECODERS[codec]
     whole = math.prod(inner) * out.dtype.itemsize
     for k, (offset, nbytes) in enumerate(entries.tolist()):
         pos = np.unravel_index(k, shard_grid)
-        if any(p >= g for p, g in zip(pos, grid)):  # inside the shard, outside the array
+        pos = (int(pos[0]) - first, *pos[1:])
+        if pos[0] < 0 or any(p >= g for p, g in zip(pos, grid)):  # not wanted, or outside the array
             continue
         region = tuple(slice(p * c, min((p + 1) * c, s)) for p, c, s in zip(pos, inner, out.shape))
         dst = out[region]
