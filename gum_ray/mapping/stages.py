@@ -137,8 +137,11 @@ class CellPredictor:
             if self.engine.device.type == "cuda":  # the host only decompresses: several cells at once
                 import os
 
+                from gum_ray.inference import one_malloc_arena
+
                 self.readers = max(1, min(GPU_READERS, os.cpu_count() or 1))
                 self._pin = True
+                one_malloc_arena()  # before the reader threads start: no page faults per cell
         except Exception as exc:  # noqa: BLE001 - reported by ready()
             self.error = exc
         self._reader = concurrent.futures.ThreadPoolExecutor(self.readers, thread_name_prefix="gum-cache-read")
