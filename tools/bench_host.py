@@ -12,11 +12,13 @@ One thread (``torch.set_num_threads(1)``) unless ``--threads``.
 
 It also reports the work that stays on the CPU when the device is a GPU: read and decompress (a
 model actor beside a GPU decompresses into pinned memory, so the upload is a DMA; the copy into
-staging memory it would otherwise take is shown beside) and bookkeeping (the engine's Python and
-op dispatch per crop, and the dispatch of a cell's decode, measured on torch's ``meta`` device,
-where ops do no arithmetic), the
-aggregate rate of 1..``--readers`` reader threads decompressing cells at once, and the share of
-time an H100 would be busy (GUM 1 forward at bf16 peak: 0.10 ms per crop).
+staging memory it would otherwise take is shown beside; only the bands the engine reads) and
+bookkeeping (the engine's Python and kernel launches per crop, and those of a cell's decode and
+input quality: run on torch's ``meta`` device, where ops do no arithmetic, with the launches
+counted and each costed at ``LAUNCH_S``, :class:`LaunchCount`), the aggregate rate of
+1..``--readers`` reader threads decompressing cells at once (as a model actor's: one malloc
+arena, memory reused), and the share of time an H100 would be busy (GUM 1 forward at bf16 peak:
+0.10 ms per crop).
 
     .venv/bin/python tools/bench_host.py [--stride 192] [--repeats 3]
 """
