@@ -188,8 +188,8 @@ def one_malloc_arena() -> None:
     A model actor's reader threads allocate each cell's compressed objects and arrays (tens of MB)
     and free them a cell later. In a thread's own arena those live in heaps that glibc unmaps as
     soon as they are empty, so every cell's memory faults in afresh: 11,000-19,000 minor faults and
-    25-30 ms more a cell on one reader thread (measured, tools/bench_host.py), host time a GPU is
-    not fed in. The main heap keeps freed memory (:func:`retain_freed_memory`). Few, large
+    68-117 against 44-56 ms a cell on one reader thread (the synthetic world; docs/performance.md),
+    host time a GPU is not fed in. The main heap keeps freed memory (:func:`retain_freed_memory`). Few, large
     allocations per cell: the one arena's lock is not contended. Linux/glibc only; elsewhere this
     does nothing.
     """
