@@ -30,7 +30,6 @@ import collections
 import copy
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -38,9 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from gum_ray.devices import (as_device_tensor, cpu_supports_bf16, default_batch_size,  # noqa: F401 - re-exported
+                             default_channels_last, one_malloc_arena, resolve_device, resolve_precision,
+                             retain_freed_memory)
 from gum_ray.errors import InputError
 from gum_ray.imagery import NODATA, Imagery, Prediction, probability_to_uint8  # noqa: F401 - re-exported
-from gum_ray.network import UrbanModel, as_model
+from gum_ray.network import UrbanModel, as_model, flops_per_crop  # noqa: F401 - re-exported
 from gum_ray.tiling import (CROP, DEFAULT_STRIDE, InferenceSettings, Precision,  # noqa: F401 - re-exported
                             crop_count, crop_starts)
 from gum_ray.unet import conv_before_upsample
@@ -49,50 +51,6 @@ from gum_ray.winograd import use_winograd
 log = logging.getLogger(__name__)
 
 WINDOW_FLOOR = 0.02
-
-
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), so autocast pays."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # noqa: BLE001 - older torch builds
-        return False
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"device {device!r}: not a device; use auto, cpu, cuda or cuda:N", param="device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device}: no CUDA GPU is visible here; use the cpu device", param="device")
-    return dev
-
-
-def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise InputError("precision fp16 needs a CUDA GPU; on the CPU use bf16 or fp32", param="precision")
-        return torch.float16
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else None
-    raise InputError(f"precision {precision!r}: use auto, fp32, bf16 or fp16", param="precision")
-
-
-def default_channels_last(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
-    """Channels_last (with BN folded into the convs) unless told otherwise: oneDNN and cuDNN run it
-    faster in every precision (measured: docs/performance.md). It changes fp32 rounding against
-    mmseg's NCHW path, so the seed settings turn it off (``InferenceSettings.seed``)."""
-    return True
 
 
 def window_1d(kind: str, crop: int = CROP) -> np.ndarray:
@@ -146,74 +104,6 @@ def fold_batchnorm(module: torch.nn.Module) -> int:
                     mod[i + 1] = torch.nn.Identity()
                     n += 1
     return n
-
-
-def default_batch_size(device: torch.device) -> int:
-    """Crops per forward when the settings leave it open: a GPU's batch fills it; on a CPU one crop
-    already makes large GEMMs, and bigger batches only make bigger buffers (page faults)."""
-    return 32 if device.type == "cuda" else 1
-
-
-_MALLOC_TUNED = False
-
-
-def retain_freed_memory(limit_bytes: int = 1 << 30) -> None:
-    """Keep freed heap memory in the process (glibc): no page-fault churn for per-crop buffers.
-
-    A network's activations (17-34 MB a crop) are above glibc's mmap threshold, so each is mapped
-    and unmapped, and every page faults in again on every forward (millions of minor faults, seconds
-    of system time). Raising the mmap and trim thresholds serves them from the heap, reused; peak
-    RSS stays the working set. Linux/glibc only; elsewhere this does nothing.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, ctypes.c_int(limit_bytes // 4))  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, ctypes.c_int(limit_bytes))  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-_ONE_ARENA = False
-
-
-def one_malloc_arena() -> None:
-    """Have threads started from now on allocate from glibc's main heap, not arenas of their own.
-
-    A model actor's reader threads allocate each cell's compressed objects and arrays (tens of MB)
-    and free them a cell later. In a thread's own arena those live in heaps that glibc unmaps as
-    soon as they are empty, so every cell's memory faults in afresh: 11,000-19,000 minor faults and
-    68-117 against 44-56 ms a cell on one reader thread (the synthetic world; docs/performance.md),
-    host time a GPU is not fed in. The main heap keeps freed memory (:func:`retain_freed_memory`). Few, large
-    allocations per cell: the one arena's lock is not contended. Linux/glibc only; elsewhere this
-    does nothing.
-    """
-    global _ONE_ARENA
-    if _ONE_ARENA:
-        return
-    _ONE_ARENA = True
-    retain_freed_memory()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-8, ctypes.c_int(1))  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def _as_device_tensor(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Upload ``a`` (pinned and asynchronous on CUDA); a tensor already there is returned as is."""
-    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
-    if t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 @dataclasses.dataclass
@@ -306,7 +196,7 @@ class InferenceEngine:
 
     def to_device(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``a`` as a tensor on the engine's device (uploaded once: pinned and asynchronous on CUDA)."""
-        return _as_device_tensor(a, self.device)
+        return as_device_tensor(a, self.device)
 
     def to_host(self, t: torch.Tensor) -> np.ndarray:
         """A device tensor's values as a numpy array. From a GPU into page-locked memory, so the
@@ -332,7 +222,7 @@ class InferenceEngine:
 
         K = 2 logits for merge="logits"; K = 1 window-weighted P(urban) for merge="probability".
         """
-        x = _as_device_tensor(crops, self.device).contiguous(memory_format=self.memory_format)
+        x = as_device_tensor(crops, self.device).contiguous(memory_format=self.memory_format)
         return self._scores(x)
 
     def _scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -499,12 +389,12 @@ class InferenceEngine:
         waits for the copy before it decodes); each device tensor is marked as used by the compute
         stream, so its memory is not reused before that stream is done with it."""
         if self.device.type != "cuda":
-            return {k: _as_device_tensor(v, self.device) for k, v in parts.items()}
+            return {k: as_device_tensor(v, self.device) for k, v in parts.items()}
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._copy_stream):  # host memory: nothing on the device to wait for
-            dev = {k: _as_device_tensor(v, self.device) for k, v in parts.items()}
+            dev = {k: as_device_tensor(v, self.device) for k, v in parts.items()}
         compute.wait_stream(self._copy_stream)
         for v in dev.values():
             v.record_stream(compute)
@@ -664,15 +554,15 @@ class InferenceEngine:
     def _new_scene(self, key, x, valid, origin, k: int) -> _Scene:
         self._check_input(tuple(x.shape))
         t = time.perf_counter()
-        x = _as_device_tensor(x, self.device)
+        x = as_device_tensor(x, self.device)
         if x.dtype != torch.float32:
             x = x.float()
         height, width = x.shape[1:]
         if valid is not None:
-            valid = _as_device_tensor(valid, self.device)
+            valid = as_device_tensor(valid, self.device)
         pad_h, pad_w = max(CROP - height, 0), max(CROP - width, 0)
         if pad_h or pad_w:  # small scenes: numpy's reflection (repeats for pads beyond the size)
-            x = _as_device_tensor(_reflect_pad(x.cpu().numpy(), pad_h, pad_w), self.device)
+            x = as_device_tensor(_reflect_pad(x.cpu().numpy(), pad_h, pad_w), self.device)
         hp, wp, ys, xs = self._geometry(height, width, origin)
         crops = [(y, xx) for y in ys for xx in xs]
         if valid is not None:
@@ -767,8 +657,8 @@ class InferenceEngine:
                     valid = None if valid is None else np.pad(_to_numpy(valid), ((0, 0), (0, pad_w)))
             self.stage_s["read"] += time.perf_counter() - t
             t = time.perf_counter()
-            block = _as_device_tensor(block, dev)
-            valid = None if valid is None else _as_device_tensor(valid, dev)
+            block = as_device_tensor(block, dev)
+            valid = None if valid is None else as_device_tensor(valid, dev)
             self.stage_s["upload"] += time.perf_counter() - t
             return block, valid
 
@@ -877,30 +767,6 @@ def _reflect_pad(block: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
         return block
     mode = "reflect" if min(block.shape[1:]) > 1 else "edge"
     return np.pad(block, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
-
-
-def flops_per_crop(model: UrbanModel | torch.nn.Module) -> float:
-    """Multiply-adds x 2 of one 256 x 256 crop, counted from the conv layers."""
-    model = as_model(model)
-    total = 0.0
-    hooks = []
-
-    def conv_hook(mod, inp, out):
-        nonlocal total
-        k = math.prod(mod.kernel_size) * (mod.in_channels // mod.groups)
-        total += 2.0 * out.numel() * k
-
-    for m in model.module.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            hooks.append(m.register_forward_hook(conv_hook))
-    try:
-        dev = next(model.module.parameters()).device
-        with torch.inference_mode():
-            model.forward(torch.zeros(1, model.in_channels, CROP, CROP, device=dev))
-    finally:
-        for h in hooks:
-            h.remove()
-    return total
 
 
 __all__ = [

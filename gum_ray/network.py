@@ -176,4 +176,36 @@ def check_compatible(model: UrbanModel, with_products: bool, *, what: str = "the
         )
 
 
-__all__ = ["FAMILIES", "UrbanModel", "as_model", "check_compatible", "detect_family", "load_model", "needs_products"]
+def flops_per_crop(model: Any) -> float:
+    """Multiply-adds x 2 of one 256 x 256 crop through ``model`` (an :class:`UrbanModel` or a bare
+    GUM 1 network), counted from its conv layers."""
+    import math
+
+    import torch
+
+    from gum_ray.tiling import CROP
+
+    model = as_model(model)
+    total = 0.0
+    hooks = []
+
+    def conv_hook(mod, inp, out):
+        nonlocal total
+        k = math.prod(mod.kernel_size) * (mod.in_channels // mod.groups)
+        total += 2.0 * out.numel() * k
+
+    for m in model.module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv_hook))
+    try:
+        dev = next(model.module.parameters()).device
+        with torch.inference_mode():
+            model.forward(torch.zeros(1, model.in_channels, CROP, CROP, device=dev))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+__all__ = ["FAMILIES", "UrbanModel", "as_model", "check_compatible", "detect_family", "flops_per_crop", "load_model",
+           "needs_products"]

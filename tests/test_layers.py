@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                           "gum_ray.checkpoint_io",
                           "gum_ray.checkpoint_convert",
                           "gum_ray.input_checks",
-                          "gum_ray.inference", "gum_ray.training")),
+                          "gum_ray.devices", "gum_ray.inference", "gum_ray.training")),
     ("sources, store", ("gum_ray.sources", "gum_ray.store", "gum_ray.export_io")),
     ("patches, finetune, demo model, viewer", ("gum_ray.patches", "gum_ray.finetune", "gum_ray.demo_model", "gum_ray.demo_gum2",
                                                "gum_ray.predict", "gum_ray.viewer")),

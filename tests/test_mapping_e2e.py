@@ -117,14 +117,17 @@ def test_kill_driver_mid_run_then_resume_is_byte_identical(tmp_path, ckpt):
     assert r.returncode == 0, r.stderr[-3000:]
     # the interrupted run: kill -9 the driver once the first cell is committed
     run_dir = tmp_path / "run"
-    args = gum + job_args(run_dir, ckpt, "--lease-ttl", "25", "--write-concurrency", "1") + list(bbox_big)
+    # one fetch and one cell a model call at a time, so cells commit one by one, about a fetch
+    # apart, and the kill lands mid-run (with the defaults the six can commit within a poll)
+    args = gum + job_args(run_dir, ckpt, "--lease-ttl", "25", "--write-concurrency", "1", "--fetch-concurrency", "1",
+                          "--cells-per-call", "1") + list(bbox_big)
     log = open(tmp_path / "killed-run.log", "w")
     proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
     try:
         markers = run_dir / "product.zarr" / "_manifest" / "2020"
         deadline = time.time() + 600
         while time.time() < deadline and not (markers.exists() and any(markers.glob("*.json"))):
-            time.sleep(0.2)
+            time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(60)
         _kill_group(proc.pid)  # the killed driver's local Ray daemons, orphaned as in a real crash
