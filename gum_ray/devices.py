@@ -120,7 +120,12 @@ def one_malloc_arena() -> None:
 
 
 def as_device_tensor(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Upload ``a`` (pinned and asynchronous on CUDA); a tensor already there is returned as is."""
+    """Upload ``a`` (pinned and asynchronous on CUDA); a tensor already there is returned as is. An
+    array of one value broadcast (every stride 0: a cached part of only its fill value) is made a
+    fill on the device, nothing copied."""
+    if isinstance(a, np.ndarray) and a.size and not any(a.strides):
+        return torch.full(a.shape, a.reshape(-1)[0].item(), dtype=torch.from_numpy(np.empty(0, a.dtype)).dtype,
+                          device=device)
     t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
     if t.device == device:
         return t

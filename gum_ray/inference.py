@@ -43,6 +43,7 @@ from gum_ray.devices import (as_device_tensor, cpu_supports_bf16, default_batch_
 from gum_ray.errors import InputError
 from gum_ray.imagery import NODATA, Imagery, Prediction, probability_to_uint8  # noqa: F401 - re-exported
 from gum_ray.network import UrbanModel, as_model, flops_per_crop  # noqa: F401 - re-exported
+from gum_ray.shuffled import ShuffledPart, unshuffle
 from gum_ray.tiling import (CROP, DEFAULT_STRIDE, InferenceSettings, Precision,  # noqa: F401 - re-exported
                             crop_count, crop_starts)
 from gum_ray.unet import conv_before_upsample
@@ -309,14 +310,14 @@ class InferenceEngine:
         pred = self.predict(self.model.preprocess(imagery.export), origin=origin)
         return Prediction(pred.probability, pred.label, imagery.geobox, quality=quality).masked(valid)
 
-    def prepare_compact(self, parts: dict[str, np.ndarray | torch.Tensor], rows_per_block: int | None = None,
+    def prepare_compact(self, parts: dict[str, np.ndarray | torch.Tensor | ShuffledPart], rows_per_block: int | None = None,
                         quality: bool = False) -> tuple[torch.Tensor, ...]:
         """Compact integer parts (:data:`gum_ray.imagery.COMPACT_PARTS`, as cached) -> the network
         input (C, H, W) float32 and the model's validity (H, W) bool, on the engine's device; with
         ``quality``, also the pixels' input quality (H, W) uint8
         (:func:`gum_ray.imagery.compact_input_quality`, from the masks already uploaded). A value
         part may hold just the bands :meth:`compact_bands` names for it (as the imagery cache reads
-        them for this engine) or all of them.
+        them for this engine) or all of them, and may come still byte-shuffled (unshuffled here).
 
         The integers are uploaded once; decoding (:func:`gum_ray.bands.decode_compact`) and the
         model's own ``preprocess`` and ``validity`` run on the device, in row blocks
@@ -383,22 +384,30 @@ class InferenceEngine:
         self.stage_s["quality"] += time.perf_counter() - t
         return x, valid, q
 
-    def _upload_parts(self, parts: dict[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _upload_parts(self, parts: dict[str, np.ndarray | torch.Tensor | ShuffledPart]) -> dict[str, torch.Tensor]:
         """The parts on the device. On CUDA they are copied on a stream of their own, so a cell's
         upload runs while the previous cell's crops still run on the compute stream (which then
         waits for the copy before it decodes); each device tensor is marked as used by the compute
-        stream, so its memory is not reused before that stream is done with it."""
+        stream, so its memory is not reused before that stream is done with it. A part still
+        byte-shuffled (:class:`~gum_ray.shuffled.ShuffledPart`, as a GPU's reader leaves it) goes up
+        as it is and is unshuffled here, on the device (two copy kernels)."""
+        def up(v):
+            return dataclasses.replace(v, data=as_device_tensor(v.data, self.device)) \
+                if isinstance(v, ShuffledPart) else as_device_tensor(v, self.device)
+
         if self.device.type != "cuda":
-            return {k: as_device_tensor(v, self.device) for k, v in parts.items()}
+            dev = {k: up(v) for k, v in parts.items()}
+            return {k: unshuffle(v) if isinstance(v, ShuffledPart) else v for k, v in dev.items()}
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
         compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._copy_stream):  # host memory: nothing on the device to wait for
-            dev = {k: as_device_tensor(v, self.device) for k, v in parts.items()}
+            dev = {k: up(v) for k, v in parts.items()}
         compute.wait_stream(self._copy_stream)
         for v in dev.values():
-            v.record_stream(compute)
-        return dev
+            (v.data if isinstance(v, ShuffledPart) else v).record_stream(compute)
+        # a shuffled part is unshuffled on the compute stream, after the copy
+        return {k: unshuffle(v) if isinstance(v, ShuffledPart) else v for k, v in dev.items()}
 
     def _present_tables(self) -> tuple[torch.Tensor, torch.Tensor, list[float | None]]:
         """Per channel, the code table's present half indexed by the code's 16 bits as unsigned

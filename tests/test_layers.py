@@ -16,7 +16,7 @@ MAX_LINES = 800
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("grid, bands, imagery", ("gum_ray.version", "gum_ray.quiet", "gum_ray.urls", "gum_ray.errors", "gum_ray.bands",
                               "gum_ray.grid", "gum_ray.aoi", "gum_ray.landmask", "gum_ray.imagery", "gum_ray.warp",
-                              "gum_ray.configs", "gum_ray.tiling")),
+                              "gum_ray.configs", "gum_ray.tiling", "gum_ray.shuffled")),
     ("model, inference", ("gum_ray.network", "gum_ray.model", "gum_ray.gum2", "gum_ray.unet", "gum_ray.winograd",
                           "gum_ray.checkpoint_io",
                           "gum_ray.checkpoint_convert",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from gum_ray import bands  # noqa: E402
 from gum_ray.export_io import open_export  # noqa: E402
 from gum_ray.grid import DEFAULT_GRID, DEFAULT_HALO_PX  # noqa: E402
 from gum_ray.inference import InferenceEngine, InferenceSettings  # noqa: E402
+from gum_ray.shuffled import ShuffledPart  # noqa: E402
 from gum_ray.store import fs  # noqa: E402
 from gum_ray.store.cache import ImageryCache  # noqa: E402
 
@@ -204,6 +206,10 @@ def main() -> int:
         t0 = time.perf_counter()
         parts, _, _ = cache.get_compact(2021, cell, bands=wanted)  # the bands the engine reads only
         t["decompress"] = time.perf_counter() - t0 - t["read"]
+        # beside a GPU: the LZ4 streams only, the value parts' unshuffle left to the device
+        t0 = time.perf_counter()
+        for_gpu, _, _ = cache.get_compact(2021, cell, bands=wanted, for_device=True)
+        t["decompress, LZ4 only"] = time.perf_counter() - t0 - t["read"]
         t0 = time.perf_counter()
         staged = {k: np.empty_like(v) for k, v in parts.items()}
         for k, v in parts.items():
@@ -232,10 +238,12 @@ def main() -> int:
         for k, v in t.items():
             best[k] = min(best.get(k, float("inf")), v)
         specs = {k: (v.shape, torch.from_numpy(np.empty(0, v.dtype)).dtype) for k, v in parts.items()}
+        # the GPU read's own: shuffled value parts, and parts of one value (a fill on the device)
+        layouts = {k: v for k, v in for_gpu.items() if isinstance(v, ShuffledPart) or not any(v.strides)}
         # a model actor's steady state: a cell's arrays are freed before the next cell's are made
         # (the process keeps freed memory, inference.retain_freed_memory), so later repeats reuse
         # it rather than fault fresh pages in
-        del parts, staged, x, valid, quality, prob, eng
+        del parts, for_gpu, staged, x, valid, quality, prob, eng
 
     # bookkeeping alone: the engine on the meta device (shapes only, no arithmetic)
     meta_eng = InferenceEngine(model, InferenceSettings(stride=args.stride, device="meta", precision="fp32",
@@ -249,6 +257,9 @@ def main() -> int:
     book_launches, book_ops = count.launches, dict(count.ops)
     # and the decode's dispatch on the device (prepare_compact's ops, one block a cell off a CPU)
     meta_parts = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in specs.items()}
+    for k, v in layouts.items():  # as a GPU actor's reader leaves them: unshuffled, or filled, on the device
+        meta_parts[k] = v if isinstance(v, np.ndarray) else \
+            dataclasses.replace(v, data=torch.empty(v.data.shape, dtype=torch.uint8, device="meta"))
     meta_eng.prepare_compact(meta_parts, quality=True)  # its tables, made once per actor
     t0 = time.perf_counter()
     meta_eng.prepare_compact(meta_parts, quality=True)
@@ -288,7 +299,7 @@ def main() -> int:
         return arrays[(shape, dtype)]
 
     def read_cell(_):
-        cache.get_compact(2021, cell, reused, bands=wanted)
+        cache.get_compact(2021, cell, reused, bands=wanted, for_device=True)
 
     reader_rates = []
     for k in range(1, args.readers + 1):
@@ -325,7 +336,7 @@ def main() -> int:
     print(f"{'stage':<22} {'ms/cell':>9} {'ms/crop':>8} {'ns/px':>7}")
     total = 0.0
     for k, v in best.items():
-        if k == "upload (copy)":
+        if k in ("upload (copy)", "decompress, LZ4 only"):  # the GPU path's, below
             continue
         total += v
         print(f"{k:<22} {v * 1e3:>9.1f} {v * 1e3 / crops:>8.3f} {v * 1e9 / px:>7.1f}")
@@ -337,10 +348,13 @@ def main() -> int:
     # beside a GPU the model actor decompresses into pinned memory (stages.TensorMemory), which the
     # device reads by DMA: the copy into staging memory measured here is not host work there; its
     # results come back into pinned memory too (InferenceEngine.to_host)
-    gpu_host = (best["decompress"] + best["read"]) / crops + book + dispatch
+    gpu_host = (best["decompress, LZ4 only"] + best["read"]) / crops + book + dispatch
     print(f"# CPU work per crop when the device is a GPU: read + decompress (into pinned memory) "
-          f"{(best['read'] + best['decompress']) * 1e3 / crops:.3f} ms, bookkeeping {book * 1e3:.3f} ms "
-          f"({book_launches / crops:.2f} launches a crop) + decode and input-quality dispatch {dispatch * 1e3:.3f} ms "
+          f"{(best['read'] + best['decompress, LZ4 only']) * 1e3 / crops:.3f} ms (of which LZ4 "
+          f"{best['decompress, LZ4 only'] * 1e3 / crops:.3f} ms; Blosc's unshuffle too, "
+          f"{best['decompress'] * 1e3 / crops:.3f}), bookkeeping {book * 1e3:.3f} ms "
+          f"({book_launches / crops:.2f} launches a crop) + unshuffle, decode and input-quality dispatch "
+          f"{dispatch * 1e3:.3f} ms "
           f"({dispatch_launches} launches a cell) = {gpu_host * 1e3:.3f} ms per crop per thread (batch 32; the engine's "
           f"Python timed on the meta device, each launch counted at {LAUNCH_S * 1e6:.0f} us; timed on meta as it is, an "
           f"upper bound: {book_meta * 1e3:.3f} + {dispatch_meta * 1e3:.3f} ms; a copy into staging memory, which the "
@@ -352,7 +366,7 @@ def main() -> int:
         print("# launches of the bookkeeping a cell: " + ", ".join(f"{k} {v}" for k, v in sorted(book_ops.items())))
     for name, t_c, ratio in codec_rows:
         print(f"# numcodecs {name} alone: {t_c * 1e9 / px:.1f} ns/px ({ratio:.1f}x compression)")
-    print("# reader threads (read + decompress whole cells at once): " + ", ".join(
+    print("# reader threads (read + LZ4 of whole cells at once, as beside a GPU): " + ", ".join(
         f"{k}: {r * 1e3:.3f} ms per crop" for k, r in reader_rates))
     print(f"# an H100 (GUM 1 at {H100_MS_PER_CROP} ms/crop) busy: {min(1.0, H100_MS_PER_CROP / (gpu_host * 1e3)):.0%} "
           f"fed by one host thread; {min(1.0, 4 * H100_MS_PER_CROP / (gpu_host * 1e3)):.0%} by four; the whole path on "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import time
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 from gum_ray.imagery import Prediction
 from gum_ray.mapping.job import MapJob
 from gum_ray.network import check_compatible
+from gum_ray.shuffled import ShuffledPart
 
 _SOURCES: dict[tuple, Any] = {}
 
@@ -118,7 +120,7 @@ class CellPredictor:
         self.job = job
         self.error: BaseException | None = None
         self.readers = 1
-        self._pin = False
+        self._pin = False  # beside a GPU: parts read into pinned memory, their unshuffle left to it
         self._bands = None
         try:
             import torch
@@ -226,14 +228,18 @@ class CellPredictor:
         return res[0] if len(res) == 1 else tuple(res)
 
     @staticmethod
-    def _read(cache, year: int, cell, pin: bool = False, bands: dict | None = None) -> tuple:
+    def _read(cache, year: int, cell, pin: bool = False, bands: dict | None = None,
+              for_device: bool | None = None) -> tuple:
         """The cell's compact parts (the value bands in ``bands`` only, where given: the engine's
         ``compact_bands``) as numpy arrays and as the torch tensors that own their memory (pinned
         with ``pin``: the engine uploads those by DMA, no staging copy), GeoBox, provenance and the
-        seconds it took."""
+        seconds it took. ``for_device`` (default: with ``pin``, i.e. beside a GPU): the device
+        finishes the decoding (value parts still byte-shuffled, :class:`~gum_ray.shuffled.ShuffledPart`;
+        a part of only its fill value a broadcast of it: ``ImageryCache.get_compact``)."""
         t = time.perf_counter()
         memory = TensorMemory(pin)
-        parts, geobox, provenance = cache.get_compact(year, cell, memory, bands)
+        parts, geobox, provenance = cache.get_compact(year, cell, memory, bands,
+                                                      pin if for_device is None else for_device)
         return parts, {k: memory.tensor_of(v) for k, v in parts.items()}, geobox, provenance, time.perf_counter() - t
 
 
@@ -264,8 +270,11 @@ class TensorMemory:
         self._made.append((a, t))
         return a
 
-    def tensor_of(self, a: np.ndarray) -> Any:
-        """The tensor that owns ``a``; ``a`` itself if it was not made here (a part Zarr read)."""
+    def tensor_of(self, a: np.ndarray | ShuffledPart) -> Any:
+        """The tensor that owns ``a`` (a shuffled part: the part with that tensor as its data);
+        ``a`` itself if it was not made here (a part Zarr read)."""
+        if isinstance(a, ShuffledPart):
+            return dataclasses.replace(a, data=self.tensor_of(a.data))
         return next((t for made, t in self._made if made is a), a)
 
 

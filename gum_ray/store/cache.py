@@ -45,6 +45,7 @@ from gum_ray.bands import COMPACT_ENCODING_VERSION, export_band_names
 from gum_ray.errors import InputError
 from gum_ray.grid import Cell, geobox_from_dict, geobox_to_dict
 from gum_ray.imagery import COMPACT_PARTS, Imagery
+from gum_ray.shuffled import ShuffledPart
 from gum_ray.store import fs
 from gum_ray.store.shards import CorruptShard, read_array
 from gum_ray.version import __version__
@@ -179,7 +180,8 @@ class ImageryCache:
         return Imagery.from_compact(parts, geobox, provenance)
 
     def get_compact(self, year: int, cell: Cell, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
-                    bands: Mapping[str, slice] | None = None) -> tuple[dict[str, np.ndarray], Any, dict[str, Any]]:
+                    bands: Mapping[str, slice] | None = None, for_device: bool = False
+                    ) -> tuple[dict[str, np.ndarray | ShuffledPart], Any, dict[str, Any]]:
         """The cached entry of (year, cell) as stored: its compact integer parts
         (:data:`~gum_ray.imagery.COMPACT_PARTS`, decompressed, not decoded), GeoBox and provenance.
 
@@ -189,7 +191,11 @@ class ImageryCache:
         ``bands``: part -> the range of its bands wanted (the engine's
         :meth:`~gum_ray.inference.InferenceEngine.compact_bands`); where the entry's layout allows it
         (one band per inner chunk) only those are decompressed and the part holds only them, else
-        the part is whole.
+        the part is whole. ``for_device``: the parts go to a GPU, which finishes their decoding
+        (:func:`~gum_ray.store.shards.read_array`): a value part of the cache's layout comes back
+        as its LZ4 streams decompressed and still byte-shuffled
+        (:class:`~gum_ray.shuffled.ShuffledPart`), a part of only its fill value as a broadcast of
+        it; masks and other layouts as arrays.
         :class:`InputError` if it is not cached (completely).
         """
         path = self.path(year, cell)
@@ -199,13 +205,13 @@ class ImageryCache:
                 f"imagery for year {year}, cell {cell.id} is not in the cache {self.root}; fetch it first"
             )
         present = set(fs.list_names(path))
-        parts: dict[str, np.ndarray] = {}
+        parts: dict[str, np.ndarray | ShuffledPart] = {}
         group = None  # opened for a part the direct reader does not take, once
         for name in COMPACT_PARTS:
             if name not in present:
                 continue
             try:
-                a = read_array(fs.join(path, name), alloc, (bands or {}).get(name))
+                a = read_array(fs.join(path, name), alloc, (bands or {}).get(name), for_device)
             except FileNotFoundError:  # its zarr.json is gone: a deletion cut short (below)
                 continue
             except CorruptShard as exc:

@@ -10,6 +10,11 @@ object GET, and numcodecs' Blosc and zstd (both release the GIL; Blosc runs one 
 main thread) write every inner chunk of one band and whole rows (the cache's layout since issue
 14) directly into the array it returns.
 
+Beside a GPU (``read_array(..., for_device=True)``) the host does less: a 16-bit value part's
+Blosc frames are decompressed only as far as their LZ4 streams (:func:`read_shuffled`, through
+LZ4's own ``LZ4_decompress_safe``), and the device undoes Blosc's byte shuffle
+(:mod:`gum_ray.shuffled`); a part of nothing but its fill value is a broadcast of it.
+
 Only the exact layout described below is read here; for anything else (another codec, another
 index location, more than one shard, a chunk key encoding other than the default)
 :func:`read_array` returns None and the caller reads with zarr. The shard index's CRC32C is
@@ -22,12 +27,14 @@ not caught here, nor by Zarr.)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any, Callable
 
 import numpy as np
 
+from gum_ray.shuffled import ShuffledPart, shuffle
 from gum_ray.store import fs
 
 #: an inner chunk that holds only the fill value is not stored; its index entry is (2**64-1, 2**64-1)
@@ -94,7 +101,7 @@ def layout(meta: dict[str, Any]
 
 
 def read_array(path: str, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
-               first: slice | None = None) -> np.ndarray | None:
+               first: slice | None = None, for_device: bool = False) -> np.ndarray | ShuffledPart | None:
     """The array stored at ``path`` (a Zarr v3 array's folder, local or ``gs://``), or None if its
     layout is not the one read here (:func:`layout`). ``alloc(shape, dtype)`` gives the array to
     fill (default ``np.empty``; e.g. pinned memory for a GPU upload).
@@ -102,7 +109,17 @@ def read_array(path: str, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarra
     ``first``: only these indices of the first axis (a band range, ``step`` 1) are wanted. Where
     the inner chunks hold one index of that axis each (the imagery cache's layout), only their
     chunks are decompressed and the array returned holds just them; otherwise the whole array is
-    returned (the caller tells the two apart by the shape)."""
+    returned (the caller tells the two apart by the shape).
+
+    ``for_device``: the array goes to a device (a GPU) that finishes its decoding there. Where it is
+    the imagery cache's layout of Blosc frames of byte-shuffled LZ4 (one band and whole rows a
+    chunk, values of more than one byte), only its LZ4 streams are decompressed and the unshuffle
+    is left to the device: a :class:`~gum_ray.shuffled.ShuffledPart` (:func:`read_shuffled`). An
+    array of nothing but its fill value (no object stored, e.g. the Sentinel-1 of a place with
+    none) is a read-only broadcast of that value, which the upload makes a fill on the device
+    (:func:`gum_ray.devices.as_device_tensor`), not memory filled on the host. Otherwise the array
+    as above.
+    """
     meta = json.loads(fs.read_bytes(fs.join(path, "zarr.json")))
     spec = layout(meta)
     if spec is None:
@@ -114,14 +131,36 @@ def read_array(path: str, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarra
         if step != 1 or stop <= start:
             raise ValueError(f"{path}: the first axis' range {first} is not a non-empty range of step 1")
         shape = (stop - start, *shape[1:])
-    out = (alloc or np.empty)(shape, dtype)
     try:
         raw = fs.read_bytes(fs.join(path, "c", *(["0"] * len(shape))))
     except FileNotFoundError:  # nothing but the fill value was written
+        raw = None
+    if for_device and raw is None:
+        return np.broadcast_to(np.asarray(fill, dtype), shape)
+    if for_device:
+        part = read_shuffled(raw, shape, dtype, fill, inner, grid, codec, alloc, first=start, what=path)
+        if part is not None:
+            return part
+    out = (alloc or np.empty)(shape, dtype)
+    if raw is None:
         out[...] = fill
         return out
     decode_into(raw, out, inner, grid, fill, what=path, codec=codec, first=start)
     return out
+
+
+def _index(raw: bytes, n: int, what: str) -> np.ndarray:
+    """The shard's index, (offset, bytes) of each of its ``n`` inner chunks, its checksum checked."""
+    import google_crc32c
+
+    size = len(raw)
+    if size < 16 * n + 4:
+        raise CorruptShard(f"{what}: shard of {size} bytes is shorter than its index")
+    view = memoryview(raw)
+    index = view[size - 16 * n - 4 : size - 4]
+    if np.uint32(google_crc32c.value(bytes(index))).tobytes() != bytes(view[size - 4 :]):
+        raise CorruptShard(f"{what}: the shard index's checksum does not match (a damaged object)")
+    return np.frombuffer(index, "<u8").reshape(n, 2)
 
 
 def decode_into(raw: bytes, out: np.ndarray, inner: tuple[int, ...], shard_grid: tuple[int, ...], fill: Any,
@@ -131,17 +170,10 @@ def decode_into(raw: bytes, out: np.ndarray, inner: tuple[int, ...], shard_grid:
     array, whose shape the shard covers; with ``first``, where inner chunks are one index of the
     first axis deep, ``out`` is that axis' indices ``first, first + 1, ...`` only, and the other
     chunks are not decoded)."""
-    import google_crc32c
-
     n = math.prod(shard_grid)
     size = len(raw)
-    if size < 16 * n + 4:
-        raise CorruptShard(f"{what}: shard of {size} bytes is shorter than its index")
     view = memoryview(raw)
-    index = view[size - 16 * n - 4 : size - 4]
-    if np.uint32(google_crc32c.value(bytes(index))).tobytes() != bytes(view[size - 4 :]):
-        raise CorruptShard(f"{what}: the shard index's checksum does not match (a damaged object)")
-    entries = np.frombuffer(index, "<u8").reshape(n, 2)
+    entries = _index(raw, n, what)
     if first and inner[0] != 1:
         raise ValueError(f"{what}: a range of the first axis is read only where inner chunks are one index deep")
     grid = [-(-s // c) for s, c in zip(out.shape, inner)]  # inner chunks that hold array pixels
@@ -176,6 +208,133 @@ def decode_into(raw: bytes, out: np.ndarray, inner: tuple[int, ...], shard_grid:
         if chunk.size != math.prod(inner):
             raise CorruptShard(f"{what}: inner chunk {k} decodes to {chunk.size} values, not {math.prod(inner)}")
         dst[...] = chunk.reshape(inner)[tuple(slice(0, r.stop - r.start) for r in region)]
+
+
+#: Blosc 1.x frame header flags (c-blosc's blosc.h) and its block split rule (blosc.c)
+_SHUFFLE, _MEMCPYED, _BITSHUFFLE, _DONT_SPLIT, _LZ4_FORMAT = 0x1, 0x2, 0x4, 0x10, 1
+_MAX_SPLITS, _MIN_BUFFERSIZE = 16, 128
+
+
+def read_shuffled(raw: bytes, shape: tuple[int, ...], dtype: np.dtype, fill: Any, inner: tuple[int, ...],
+                  grid: tuple[int, ...], codec: str, alloc: Callable | None = None, first: int = 0,
+                  what: str = "shard") -> ShuffledPart | None:
+    """The shard ``raw`` as a :class:`~gum_ray.shuffled.ShuffledPart`: each wanted inner chunk's LZ4
+    streams decompressed in place into ``alloc((chunks, chunk bytes), uint8)``, not unshuffled.
+    None where the array or a frame is not that layout (Blosc LZ4 with byte shuffle, one block size,
+    values of more than one byte, chunks of one band and whole rows, not stored plain), or where
+    no LZ4 decoder can be called (:func:`lz4_decoder`): the caller decodes it whole instead.
+    A stream that does not decode to its size raises :class:`CorruptShard`."""
+    k = dtype.itemsize
+    if codec != "blosc" or k < 2 or len(shape) != 3 or inner[0] != 1 or inner[2] != shape[2] or grid[2] != 1:
+        return None
+    decoder = lz4_decoder()
+    if decoder is None:
+        return None
+    entries = _index(raw, math.prod(grid), what)
+    per_band = -(-shape[1] // inner[1])
+    wanted = [(first + b) * grid[1] + r for b in range(shape[0]) for r in range(per_band)]
+    chunk_bytes = inner[1] * inner[2] * k
+    end = len(raw) - 16 * len(entries) - 4
+    frames, blocksize = {}, None
+    for i in wanted:
+        offset, nbytes = entries[i].tolist()
+        if offset == EMPTY and nbytes == EMPTY:
+            continue
+        if offset + nbytes > end or nbytes < 16:
+            raise CorruptShard(f"{what}: inner chunk {i} lies outside the shard's data")
+        head = raw[offset : offset + 16]
+        flags, typesize = head[2], head[3]
+        size, bs, cbytes = np.frombuffer(head, "<u4", 3, 4).tolist()
+        if head[0] not in (1, 2) or flags & (_MEMCPYED | _BITSHUFFLE) or not flags & _SHUFFLE or \
+                flags >> 5 != _LZ4_FORMAT or typesize != k or size != chunk_bytes or bs < k or bs % k or \
+                cbytes != nbytes or bs != (blocksize or bs):
+            return None  # not this layout (e.g. an incompressible chunk stored plain): decoded whole
+        blocksize = bs
+        frames[i] = (offset, flags)
+    if blocksize is None:  # nothing stored: the fill value only
+        return None
+    data = (alloc or np.empty)((len(wanted), chunk_bytes), np.dtype(np.uint8))
+    if not data.flags.c_contiguous or data.dtype != np.uint8:  # LZ4 writes through its address
+        raise ValueError(f"{what}: alloc gave a {data.dtype} array that is not C-contiguous")
+    base = np.frombuffer(raw, np.uint8)
+    filled = None
+    for row, i in enumerate(wanted):
+        if i in frames:
+            offset, flags = frames[i]
+            unpack_frame(base, offset, offset + int(entries[i][1]), flags, k, blocksize, data[row], decoder,
+                         f"{what}: inner chunk {i}")
+            continue
+        if filled is None:  # not stored: the fill value, as its frame would decompress
+            filled = shuffle(np.full(inner[1:], fill, dtype), blocksize)
+        data[row] = filled
+    return ShuffledPart(data, tuple(shape), dtype, inner[1], blocksize)
+
+
+def unpack_frame(base: np.ndarray, offset: int, stop: int, flags: int, k: int, blocksize: int, out: np.ndarray,
+                 decoder: Callable[[int, int, int, int], int], what: str) -> None:
+    """Decompress the LZ4 streams of the Blosc frame ``base[offset:stop]`` (``flags`` from its
+    header; values of ``k`` bytes, blocks of ``blocksize``) into ``out`` (uint8, the frame's size:
+    each block's byte planes where Blosc's unshuffle would have read them). :class:`CorruptShard`
+    where a block lies outside the frame or a stream does not decode to its size."""
+    size = out.size
+    nblocks = -(-size // blocksize)
+    if offset + 16 + 4 * nblocks > stop:
+        raise CorruptShard(f"{what}: its Blosc frame is shorter than its block table")
+    src0, dst0 = base.ctypes.data, out.ctypes.data
+    for j, at in enumerate(np.frombuffer(base, "<i4", nblocks, offset + 16).tolist()):
+        bsize = min(blocksize, size - j * blocksize)
+        # Blosc compresses a full block's planes apart (its split rule), a shorter last one whole
+        splits = k if (not flags & _DONT_SPLIT and k <= _MAX_SPLITS and blocksize // k >= _MIN_BUFFERSIZE
+                       and bsize == blocksize) else 1
+        each = bsize // splits
+        if at < 16 + 4 * nblocks:
+            raise CorruptShard(f"{what}: its block {j} starts inside the frame's header")
+        pos = offset + at
+        for s in range(splits):
+            if pos + 4 > stop:
+                raise CorruptShard(f"{what}: its block {j} lies outside its frame")
+            cb = int(base[pos : pos + 4].view("<i4")[0])
+            pos += 4
+            if cb < 0 or cb > stop - pos:
+                raise CorruptShard(f"{what}: its block {j} lies outside its frame")
+            at_out = j * blocksize + s * each
+            if cb == each:  # stored as it was
+                out[at_out : at_out + each] = base[pos : pos + cb]
+            elif decoder(src0 + pos, dst0 + at_out, cb, each) != each:
+                raise CorruptShard(f"{what}: its block {j} does not decompress to {each} bytes")
+            pos += cb
+
+
+@functools.lru_cache(maxsize=None)
+def lz4_decoder() -> Callable[[int, int, int, int], int] | None:
+    """LZ4's ``LZ4_decompress_safe(src, dst, compressed bytes, capacity)`` (bounded by its
+    capacity; the GIL released while it runs) from the LZ4 that numcodecs' Blosc is built with, or
+    the system's liblz4; None if neither can be called, or if it does not decode a frame Blosc
+    made here as Blosc does (then every part is decompressed whole, by Blosc)."""
+    import ctypes
+    import ctypes.util
+
+    from numcodecs import Blosc, blosc
+
+    for lib in (blosc.__file__, ctypes.util.find_library("lz4")):
+        try:
+            fn = ctypes.CDLL(lib).LZ4_decompress_safe
+        except (OSError, AttributeError, TypeError):
+            continue
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        # checked once on a frame Blosc makes here: a full block split in planes, and a last one
+        values = (np.arange(20_000, dtype=np.uint16) * 7 % 3001).reshape(4, 5_000)
+        frame = np.frombuffer(Blosc(cname="lz4hc", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=16_384).encode(values),
+                              np.uint8)
+        got = np.empty(values.nbytes, np.uint8)
+        try:
+            unpack_frame(frame, 0, frame.size, int(frame[2]), 2, int(frame[4:16].view("<u4")[1]), got, fn, "a check")
+        except CorruptShard:
+            continue
+        if np.array_equal(got, shuffle(values, int(frame[4:16].view("<u4")[1]))):
+            return fn
+    return None
 
 
 def frame_content_size(frame: memoryview | bytes) -> int | None:
