@@ -310,8 +310,8 @@ class InferenceEngine:
         pred = self.predict(self.model.preprocess(imagery.export), origin=origin)
         return Prediction(pred.probability, pred.label, imagery.geobox, quality=quality).masked(valid)
 
-    def prepare_compact(self, parts: dict[str, np.ndarray | torch.Tensor | ShuffledPart], rows_per_block: int | None = None,
-                        quality: bool = False) -> tuple[torch.Tensor, ...]:
+    def prepare_compact(self, parts: dict[str, np.ndarray | torch.Tensor | ShuffledPart],
+                        rows_per_block: int | None = None, quality: bool = False) -> tuple[torch.Tensor, ...]:
         """Compact integer parts (:data:`gum_ray.imagery.COMPACT_PARTS`, as cached) -> the network
         input (C, H, W) float32 and the model's validity (H, W) bool, on the engine's device; with
         ``quality``, also the pixels' input quality (H, W) uint8

@@ -132,7 +132,7 @@ def read_array(path: str, alloc: Callable[[tuple[int, ...], np.dtype], np.ndarra
             raise ValueError(f"{path}: the first axis' range {first} is not a non-empty range of step 1")
         shape = (stop - start, *shape[1:])
     try:
-        raw = fs.read_bytes(fs.join(path, "c", *(["0"] * len(shape))))
+        raw = fs.read_object(fs.join(path, "c", *(["0"] * len(shape))))  # on this thread, gs:// too
     except FileNotFoundError:  # nothing but the fill value was written
         raw = None
     if for_device and raw is None:
