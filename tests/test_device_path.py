@@ -340,10 +340,14 @@ def test_results_downloaded_into_pinned_memory_equal_the_device_values(tiny):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cells_uploaded_on_a_side_stream_equal_the_cpu_engine(tiny):
-    """On CUDA each cell's integers are copied from pinned memory on a stream of their own, the
-    cells queued back to back: every cell's input and validity equal the CPU engine's."""
+@pytest.mark.parametrize("shuffled", [False, True], ids=["arrays", "value parts still shuffled"])
+def test_cells_uploaded_on_a_side_stream_equal_the_cpu_engine(tiny, shuffled):
+    """On CUDA each cell's integers are copied from pinned memory on a stream of their own (value
+    parts still byte-shuffled, as a GPU actor's reader leaves them, unshuffled on the compute
+    stream after the copy), the cells queued back to back: every cell's input, validity and
+    quality equal the CPU engine's."""
     from gum_ray.mapping.stages import TensorMemory
+    from gum_ray.shuffled import ShuffledPart, shuffle
 
     cpu = InferenceEngine(tiny, InferenceSettings(device="cpu", precision="fp32", stride=192))
     gpu = InferenceEngine(tiny, InferenceSettings(device="cuda", precision="fp32", stride=192))
@@ -351,12 +355,21 @@ def test_cells_uploaded_on_a_side_stream_equal_the_cpu_engine(tiny):
     for seed in range(3):
         parts = bands.encode_compact(fake_export(300, 420, seed=seed))
         memory = TensorMemory(pin=True)
-        pinned = {}
+        given = {}
         for k, v in parts.items():
-            pinned[k] = memory(v.shape, v.dtype)
-            pinned[k][...] = v
-        cells.append((parts, {k: memory.tensor_of(a) for k, a in pinned.items()}))
-    outs = [gpu.prepare_compact(t) for _, t in cells]  # queued back to back, as an actor does
-    for (parts, _), (x, valid) in zip(cells, outs):
-        want_x, want_valid = cpu.prepare_compact(parts)
-        assert torch.equal(x.cpu(), want_x) and torch.equal(valid.cpu(), want_valid)
+            if not shuffled or v.dtype.itemsize == 1:
+                given[k] = memory(v.shape, v.dtype)
+                given[k][...] = v
+                continue
+            rows, blocksize = 64, 16_384  # chunks of 64 rows, the last padded; blocks and a shorter last one
+            padded = np.zeros((v.shape[0], -(-v.shape[1] // rows) * rows, v.shape[2]), v.dtype)
+            padded[:, : v.shape[1]] = v
+            chunks = padded.reshape(-1, rows * v.shape[2])
+            data = memory((len(chunks), chunks.shape[1] * v.dtype.itemsize), np.dtype(np.uint8))
+            data[...] = [shuffle(c, blocksize) for c in chunks]
+            given[k] = ShuffledPart(data, v.shape, v.dtype, rows, blocksize)
+        cells.append((parts, {k: memory.tensor_of(a) for k, a in given.items()}))
+    outs = [gpu.prepare_compact(t, quality=True) for _, t in cells]  # queued back to back, as an actor does
+    for (parts, _), got in zip(cells, outs):
+        for g, w in zip(got, cpu.prepare_compact(parts, quality=True)):
+            assert torch.equal(g.cpu(), w)

@@ -205,36 +205,3 @@ def test_the_engine_takes_a_model_actor_s_read_for_its_device(tmp_path, spec, by
     for g, w in zip(got, want):
         assert torch.equal(g, w)
 
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_shuffled_parts_in_pinned_memory_unshuffled_on_the_gpu_equal_the_cpu_engine():
-    """As a GPU actor hands them over: value parts still shuffled, in pinned memory, uploaded on
-    the copy stream and unshuffled on the compute stream, cells queued back to back."""
-    from gum_ray.mapping.stages import TensorMemory
-
-    model = Gum1.from_module(build_model(TINY))
-    cpu = InferenceEngine(model, InferenceSettings(device="cpu", precision="fp32"))
-    gpu = InferenceEngine(model, InferenceSettings(device="cuda", precision="fp32"))
-    cells = []
-    for seed in range(3):
-        parts = bands.encode_compact(fake_export(300, 420, seed=seed))
-        memory = TensorMemory(pin=True)
-        given = {}
-        for k, v in parts.items():
-            if v.dtype.itemsize == 1:
-                given[k] = memory.tensor_of(memory(v.shape, v.dtype))
-                given[k].numpy()[...] = v
-                continue
-            rows, blocksize = 64, 16_384
-            padded = np.zeros((v.shape[0], -(-v.shape[1] // rows) * rows, v.shape[2]), v.dtype)
-            padded[:, : v.shape[1]] = v
-            chunks = padded.reshape(-1, rows * v.shape[2])
-            data = memory((len(chunks), chunks.shape[1] * v.dtype.itemsize), np.dtype(np.uint8))
-            data[...] = [shuffle(c, blocksize) for c in chunks]
-            given[k] = memory.tensor_of(ShuffledPart(data, v.shape, v.dtype, rows, blocksize))
-        assert given["s2"].data.is_pinned()
-        cells.append((parts, given))
-    outs = [gpu.prepare_compact(g, quality=True) for _, g in cells]
-    for (parts, _), got in zip(cells, outs):
-        for g, w in zip(got, cpu.prepare_compact(parts, quality=True)):
-            assert torch.equal(g.cpu(), w)
