@@ -6,7 +6,7 @@ an inner chunk as its values' first bytes, then their second bytes, ...: the pla
 apart. Decompressing is two passes on the host: the LZ4 streams, then the unshuffle, which puts
 each value's bytes back together (about a third of the host's decompression time on a cell of
 Sentinel-2 and Sentinel-1 integers, ``docs/performance.md``). Beside a GPU the host does the first
-only (:func:`gum_ray.store.shards.read_array` with ``shuffled=True``): the planes go up as they
+only (:func:`gum_ray.store.shards.read_array` with ``for_device=True``): the planes go up as they
 are, and the device, which has bandwidth to spare, unshuffles them (:func:`unshuffle`, two copy
 kernels per part).
 
@@ -14,8 +14,8 @@ Layout (the cache's since issue 14): inner chunks of one band and ``chunk_rows``
 one Blosc frame of the same block size; :attr:`ShuffledPart.data` holds the chunks of the bands
 read, in order (band, then rows), each whole as Blosc decoded it (the last rows of a band padded as
 Zarr padded them); within a chunk, full blocks of ``blocksize`` bytes and a shorter last block,
-each shuffled on its own (a block of ``n`` values of ``k`` bytes: ``k`` planes of ``n`` bytes,
-then the block's ``len % k`` odd bytes as they were).
+each shuffled on its own (a block of ``n`` values of ``k`` bytes: ``k`` planes of ``n`` bytes;
+whole values only, since the block size is a multiple of ``k``, as Blosc makes it).
 """
 
 from __future__ import annotations
@@ -60,34 +60,24 @@ class ShuffledPart:
 def unshuffle(part: ShuffledPart):
     """The part's array (bands, rows, cols) of its dtype: a numpy array for numpy data, else a
     torch tensor on the data's device (the padded rows of each band's last chunk dropped by a
-    view; a band's rows stay one contiguous block)."""
+    view; a band's rows stay one contiguous block). The same slicing for both: one transposing
+    copy for the full blocks of every chunk, one for the last blocks."""
     k, nbytes, bs = part.dtype.itemsize, part.chunk_bytes, part.blocksize
-    n = part.data.shape[0]
-    full = nbytes // bs
-    if isinstance(part.data, np.ndarray):
-        out = np.empty_like(part.data)
-        if full:
-            out[:, : full * bs].reshape(n, full, bs // k, k)[...] = \
-                part.data[:, : full * bs].reshape(n, full, k, bs // k).transpose(0, 1, 3, 2)
-        values = out.view(part.dtype)
+    data = part.data
+    n = data.shape[0]
+    numpy = isinstance(data, np.ndarray)
+    if numpy:
+        out = np.empty_like(data)
     else:
         import torch
 
-        out = torch.empty_like(part.data)
-        if full:
-            out[:, : full * bs].view(n, full, bs // k, k).copy_(
-                part.data[:, : full * bs].view(n, full, k, bs // k).transpose(2, 3))
-        values = out.view(_torch_dtype(part.dtype))
-    rest = nbytes - full * bs
-    if rest:  # the last block: its planes, then its odd bytes as they are
-        m = rest // k
-        at = full * bs
-        src, dst = part.data[:, at : at + m * k], out[:, at : at + m * k]
-        if isinstance(out, np.ndarray):
-            dst.reshape(n, m, k)[...] = src.reshape(n, k, m).transpose(0, 2, 1)
-        else:
-            dst.view(n, m, k).copy_(src.view(n, k, m).transpose(1, 2))
-        out[:, at + m * k :] = part.data[:, at + m * k :]
+        out = torch.empty_like(data)
+    full = nbytes // bs
+    for at, blocks, size in ((0, full, bs), (full * bs, 1, nbytes - full * bs)):
+        if blocks and size:  # (chunks, blocks, k planes, values) -> (chunks, blocks, values, k)
+            out[:, at : at + blocks * size].reshape(n, blocks, size // k, k)[...] = \
+                data[:, at : at + blocks * size].reshape(n, blocks, k, size // k).swapaxes(2, 3)
+    values = out.view(part.dtype if numpy else _torch_dtype(part.dtype))
     bands, rows, cols = part.shape
     return values.reshape(bands, part.chunks_per_band * part.chunk_rows, cols)[:, :rows]
 
@@ -98,14 +88,12 @@ def shuffle(values: np.ndarray, blocksize: int) -> np.ndarray:
     value; and the tests' reference)."""
     k = values.dtype.itemsize
     raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-    out = raw.copy()
+    out = np.empty_like(raw)
     full = raw.size // blocksize
-    if full:
-        out[: full * blocksize].reshape(full, k, blocksize // k)[...] = \
-            raw[: full * blocksize].reshape(full, blocksize // k, k).transpose(0, 2, 1)
-    at = full * blocksize
-    m = (raw.size - at) // k
-    out[at : at + m * k].reshape(k, m)[...] = raw[at : at + m * k].reshape(m, k).T
+    for at, blocks, size in ((0, full, blocksize), (full * blocksize, 1, raw.size - full * blocksize)):
+        if blocks and size:  # (blocks, values, k) -> (blocks, k planes, values)
+            out[at : at + blocks * size].reshape(blocks, k, size // k)[...] = \
+                raw[at : at + blocks * size].reshape(blocks, size // k, k).swapaxes(1, 2)
     return out
 
 
