@@ -243,11 +243,10 @@ def read_shuffled(raw: bytes, shape: tuple[int, ...], dtype: np.dtype, fill: Any
         if offset + nbytes > end or nbytes < 16:
             raise CorruptShard(f"{what}: inner chunk {i} lies outside the shard's data")
         head = raw[offset : offset + 16]
-        flags, typesize = head[2], head[3]
-        size, bs, cbytes = np.frombuffer(head, "<u4", 3, 4).tolist()
-        if head[0] not in (1, 2) or flags & (_MEMCPYED | _BITSHUFFLE) or not flags & _SHUFFLE or \
-                flags >> 5 != _LZ4_FORMAT or typesize != k or size != chunk_bytes or bs < k or bs % k or \
-                cbytes != nbytes or bs != (blocksize or bs):
+        flags, typesize, bs = head[2], head[3], int.from_bytes(head[8:12], "little")
+        if blosc_frame_size(memoryview(raw)[offset : offset + nbytes]) != chunk_bytes or \
+                flags & (_MEMCPYED | _BITSHUFFLE) or not flags & _SHUFFLE or flags >> 5 != _LZ4_FORMAT or \
+                typesize != k or bs < k or bs % k or bs != (blocksize or bs):
             return None  # not this layout (e.g. an incompressible chunk stored plain): decoded whole
         blocksize = bs
         frames[i] = (offset, flags)
@@ -323,16 +322,17 @@ def lz4_decoder() -> Callable[[int, int, int, int], int] | None:
             continue
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         fn.restype = ctypes.c_int
-        # checked once on a frame Blosc makes here: a full block split in planes, and a last one
-        values = (np.arange(20_000, dtype=np.uint16) * 7 % 3001).reshape(4, 5_000)
-        frame = np.frombuffer(Blosc(cname="lz4hc", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=16_384).encode(values),
-                              np.uint8)
+        # checked once on a frame Blosc makes here: 100,000 bytes at level 1 are a full block of
+        # 64 KiB, split in planes, and a shorter last one, whole
+        values = (np.arange(50_000, dtype=np.uint16) * 7 % 3001).reshape(10, 5_000)
+        frame = np.frombuffer(Blosc(cname="lz4hc", clevel=1, shuffle=Blosc.SHUFFLE).encode(values), np.uint8)
+        blocksize = int(frame[8:12].view("<u4")[0])
         got = np.empty(values.nbytes, np.uint8)
         try:
-            unpack_frame(frame, 0, frame.size, int(frame[2]), 2, int(frame[4:16].view("<u4")[1]), got, fn, "a check")
+            unpack_frame(frame, 0, frame.size, int(frame[2]), 2, blocksize, got, fn, "a check")
         except CorruptShard:
             continue
-        if np.array_equal(got, shuffle(values, int(frame[4:16].view("<u4")[1]))):
+        if np.array_equal(got, shuffle(values, blocksize)):
             return fn
     return None
 
