@@ -2,7 +2,7 @@
 """Host cost of reading a cached cell from ``gs://``: the HTTPS receive and its TLS decryption,
 per crop, on 1..N reader threads, through fsspec's one IO thread against each thread's own loop.
 
-A cached cell of the default grid (the synthetic world, or the real Aberystwyth scene tiled, as
+A cached cell of the default grid (the synthetic world, or the real Aberystwyth scene mirrored, as
 ``tools/bench_host.py`` builds it) is written to fake-gcs-server speaking HTTPS (TLS 1.3, a
 certificate made for the run), and its objects are read whole, as a model actor's reader threads
 read them, in two ways:
@@ -40,7 +40,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -83,7 +82,9 @@ def thread_cpu() -> dict[int, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--synthetic", action="store_true", help="the synthetic world's cell, not the real scene tiled")
+    ap.add_argument("--synthetic", action="store_true", help="the synthetic world's cell, not the real scene")
+    ap.add_argument("--fill", choices=("mirrored", "tiled"), default="mirrored",
+                    help="how the real scene fills the cell (tools/bench_host.py --fill)")
     ap.add_argument("--image", default=str(REPO.parent / "shared" / "realdata" / "aberystwyth_2021-05-27_gum11.tif"))
     ap.add_argument("--threads", type=int, default=2, help="reader threads, 1..N")
     ap.add_argument("--repeats", type=int, default=3, help="best of N")
@@ -138,11 +139,13 @@ def measure(args) -> int:
 
         export = get_source("synthetic").fetch(gbox, 2021).export
     else:
+        from bench_host import scene_cell
+
         from gum_ray.export_io import open_export
 
         with open_export(args.image) as src:
             scene = src.read_rows(0, src.height)
-        export = np.tile(scene, (1, -(-h // scene.shape[1]), -(-w // scene.shape[2])))[:, :h, :w].copy()
+        export = scene_cell(scene, h, w, args.fill)
     cache = ImageryCache("gs://bench/cache")
     cache.put_compact(2021, cell, bands.encode_compact(export), gbox, {})
     del export
@@ -151,7 +154,7 @@ def measure(args) -> int:
                if fs.exists(fs.join(path, name, "c", "0", "0", "0"))]
     crops = crop_count(h, w, 192)
     nbytes = sum(len(fs.read_bytes(o)) for o in objects)
-    print(f"# bench_gcs_read  {datetime.datetime.now():%Y-%m-%d %H:%M}  cell {cell.id} ({'synthetic world' if args.synthetic else 'real scene tiled'}): "
+    print(f"# bench_gcs_read  {datetime.datetime.now():%Y-%m-%d %H:%M}  cell {cell.id} ({'synthetic world' if args.synthetic else 'real scene ' + args.fill}): "
           f"{len(objects)} objects, {nbytes / 1e6:.1f} MB, {crops} crops at stride 192; fake-gcs-server over HTTPS "
           f"(TLS 1.3) on loopback, {os.cpu_count()} cores")
     print(f"{'way':<12} {'threads':>7} {'wall ms/crop':>13} {'CPU ms/crop':>12} {'MB/s':>8} {'busiest thread':>15}")

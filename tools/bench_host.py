@@ -2,7 +2,9 @@
 """Host cost of the cell path with a near-free network: ns per pixel and ms per crop of each stage.
 
 A cached cell of the default grid (0.25 degree, about 2,800 px of UTM 10 m plus a 128 px halo a
-side), filled with the real Aberystwyth scene tiled (so the imagery compresses like imagery), runs
+side), filled with the real Aberystwyth scene mirrored (reflected at its edges, again and again, so
+the imagery compresses like imagery: tiled copies of it, ``--fill tiled``, repeat whole rows that
+Blosc's LZ4 finds within its 64 KiB window, and compress twice as well as the scene itself), runs
 through what a model actor does (``CellPredictor``): read the cache objects, decompress (Blosc
 LZ4HC, the shard reader), upload, decode the compact integers and the model's preprocessing (GUM 1's: one table lookup per
 channel, ``bands.code_tables``; the per-op path is reported beside it), cut crops, a near-free
@@ -145,6 +147,18 @@ class LaunchCount:
         return best
 
 
+def scene_cell(scene: np.ndarray, h: int, w: int, fill: str = "mirrored") -> np.ndarray:
+    """A (bands, h, w) cell filled from a smaller (bands, H, W) scene: ``mirrored``, reflected at its
+    edges again and again (numpy's ``symmetric`` pad), so no row repeats within a compressor's window
+    and the cell compresses about as the scene does (5.6 against the scene's 6.1 bytes a pixel in
+    the cache; Aberystwyth); ``tiled``, copies side by side (3.0 bytes a pixel: LZ4 finds each row's
+    repeats, 931 px apart)."""
+    if fill == "tiled":
+        return np.tile(scene, (1, -(-h // scene.shape[1]), -(-w // scene.shape[2])))[:, :h, :w].copy()
+    pad = ((0, 0), (0, max(h - scene.shape[1], 0)), (0, max(w - scene.shape[2], 0)))
+    return np.ascontiguousarray(np.pad(scene, pad, mode="symmetric")[:, :h, :w])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default=str(DEFAULT_IMAGE))
@@ -152,8 +166,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="best of N")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--synthetic", action="store_true",
-                    help="fill the cell from the synthetic world instead of the real scene tiled (tiling repeats "
-                         "the scene, which zstd finds across whole rows; the synthetic world does not repeat)")
+                    help="fill the cell from the synthetic world instead of the real scene")
+    ap.add_argument("--fill", choices=("mirrored", "tiled"), default="mirrored",
+                    help="how the real scene fills the cell: reflected at its edges (compresses as the scene does), "
+                         "or tiled (repeats whole rows, which LZ4 and zstd find: half the bytes; runs before "
+                         "2026-12-03 16:00 used it)")
     ap.add_argument("--codecs", action="store_true",
                     help="also decompress the same arrays with numcodecs directly (zstd 1/3, Blosc lz4 and lz4hc with byte shuffle, "
                          "on one thread), without Zarr")
@@ -179,8 +196,7 @@ def main() -> int:
     else:
         with open_export(args.image) as src:
             scene = src.read_rows(0, src.height)
-        reps = (-(-h // scene.shape[1]), -(-w // scene.shape[2]))
-        export = np.tile(scene, (1, *reps))[:, :h, :w].copy()
+        export = scene_cell(scene, h, w, args.fill)
     tmp = Path(tempfile.mkdtemp(prefix="bench_host_"))
     atexit.register(shutil.rmtree, tmp, True)
     cache = ImageryCache(str(tmp / "cache"))
@@ -331,7 +347,7 @@ def main() -> int:
 
     px = h * w
     print(f"# bench_host  {time.strftime('%Y-%m-%d %H:%M')}  cell {cell.id}: {w} x {h} px (0.25 deg + "
-          f"{DEFAULT_HALO_PX} px halo, {'synthetic world' if args.synthetic else 'real scene tiled'}), {crops} crops at stride {args.stride}, {nbytes / 1e6:.1f} MB in the cache, "
+          f"{DEFAULT_HALO_PX} px halo, {'synthetic world' if args.synthetic else 'real scene ' + args.fill}), {crops} crops at stride {args.stride}, {nbytes / 1e6:.1f} MB in the cache, "
           f"{torch.get_num_threads()} thread(s)")
     print(f"{'stage':<22} {'ms/cell':>9} {'ms/crop':>8} {'ns/px':>7}")
     total = 0.0
