@@ -84,11 +84,13 @@ def test_gum_map_cells_per_call_gives_the_same_bytes(tmp_path, ckpt):
     assert calls[1] == 6 and calls[3] < 6  # cells did share calls
 
 
-def test_cells_per_call_must_be_positive(tmp_path, ckpt, capsys):
+@pytest.mark.parametrize("flag, value", [("--cells-per-call", "0"), ("--actor-threads", "0"),
+                                         ("--infer-actors", "-1")])
+def test_per_actor_counts_must_be_positive(tmp_path, ckpt, capsys, flag, value):
     from tests.helpers import one_error_line
 
     data = tmp_path / "data"
     assert gum("map", *BBOX, "--year", "2020", "--data-dir", data, "--checkpoint", ckpt, *SMALL,
-               "--cells-per-call", "0") == 2
-    assert "--cells-per-call" in one_error_line(capsys)
+               flag, value) == 2
+    assert one_error_line(capsys) == f"gum: error: {flag} {value}: must be at least 1"
     assert not data.exists()

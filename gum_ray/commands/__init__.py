@@ -31,6 +31,8 @@ FLAGS: dict[str, str] = {
     "fetch_concurrency": "--fetch-concurrency",
     "write_concurrency": "--write-concurrency",
     "cells_per_call": "--cells-per-call",
+    "infer_actors": "--infer-actors",
+    "threads_per_actor": "--actor-threads",
     "min_valid": "--min-valid",
     "init": "--init",
     "out": "--out",

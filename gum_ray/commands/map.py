@@ -34,8 +34,9 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--halo", type=int, default=DEFAULT_HALO_PX, help="context around each cell in 10 m px")
     p.add_argument("--max-attempts", type=int, default=3, help="tries per cell before it is set aside")
     p.add_argument("--infer-actors", type=int, help="model actors (default: one per GPU, else one)")
-    p.add_argument("--actor-threads", type=int, default=1,
-                   help="CPUs (torch threads) per model actor (default 1; GPU actors need few)")
+    p.add_argument("--actor-threads", type=int, default=None,
+                   help="CPUs per model actor: its torch threads, and beside a GPU its cache reader threads "
+                        "(default: 1 on a CPU; beside a GPU 4, at most the cluster's CPUs per GPU less one)")
     p.add_argument("--fetch-concurrency", type=int, default=2, help="cells fetched at once")
     p.add_argument("--write-concurrency", type=int, default=2, help="cells written at once")
     p.add_argument("--cells-per-call", type=int, default=None,

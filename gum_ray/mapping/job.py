@@ -58,8 +58,10 @@ class MapJob:
                              param="max_aoi_cells")
         if self.max_cells is not None and self.max_cells < 1:
             raise InputError(f"max_cells {self.max_cells}: must be at least 1", param="max_cells")
-        if self.cells_per_call is not None and self.cells_per_call < 1:
-            raise InputError(f"cells_per_call {self.cells_per_call}: must be at least 1", param="cells_per_call")
+        for name in ("cells_per_call", "infer_actors", "threads_per_actor"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"{name} {value}: must be at least 1", param=name)
         for name in ("fetch_concurrency", "write_concurrency"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1", param=name)

@@ -35,7 +35,7 @@ from gum_ray.grid import Cell, cells_for_aoi, check_cell_cap, pixel_area_rows
 from gum_ray.mapping.job import MapJob
 from gum_ray.mapping.lease import RunLease
 from gum_ray.mapping.overviews import build_stale_overviews
-from gum_ray.mapping.stages import CellPredictor, StageFailed, fetch_cell, is_cluster_error, write_cell
+from gum_ray.mapping.stages import CellPredictor, StageFailed, actor_cpus, fetch_cell, is_cluster_error, write_cell
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
             # fetches take the workers Ray prestarts (local_ray_env)
             with local_ray_env():
                 ray.init(address="local", _system_config={"num_workers_soft_limit": workers}, **kwargs)
-            _start_workers(1 + _actor_count(job) + job.fetch_concurrency)  # limiter, actors, fetches
+            _start_workers(1 + _actor_plan(job)[0] + job.fetch_concurrency)  # limiter, actors, fetches
         return True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or os.environ.get("RAY_ADDRESS")
@@ -235,13 +235,15 @@ def connect_ray(address: str | None, job: MapJob) -> bool:
         ) from None
 
 
-def _actor_count(job: MapJob) -> int:
-    """The model actors of a run on the connected cluster: ``--infer-actors``, else one per GPU,
-    else one (a CPU actor)."""
+def _actor_plan(job: MapJob) -> tuple[int, int, float]:
+    """(model actors, CPUs each holds, GPUs) on the connected cluster: ``--infer-actors``, else one
+    per GPU, else one (a CPU actor); each holds :func:`~gum_ray.mapping.stages.actor_cpus` CPUs."""
     import ray
 
-    n_gpus = float(ray.cluster_resources().get("GPU", 0))
-    return job.infer_actors or (int(n_gpus) if n_gpus >= 1 else 1)
+    resources = ray.cluster_resources()
+    n_gpus = float(resources.get("GPU", 0))
+    n = job.infer_actors or (int(n_gpus) if n_gpus >= 1 else 1)
+    return n, actor_cpus(job.threads_per_actor, n_gpus, float(resources.get("CPU", 1))), n_gpus
 
 
 def _start_workers(n: int, hold_s: float = 0.5) -> None:
@@ -588,13 +590,12 @@ class _ModelActors:
 def _stream(job, todo, checkpoint, sha, summary, progress, lease, manifest) -> None:
     import ray
 
-    n_gpus = float(ray.cluster_resources().get("GPU", 0))
-    n_actors = _actor_count(job)
+    # the CPUs an actor holds = its torch threads (beside a GPU, its cache reader threads too): more
+    # would oversubscribe the cores that the fetch and write tasks run on (OpenMP spin-waits make
+    # that far slower than it looks)
+    n_actors, threads, n_gpus = _actor_plan(job)
     gum_fetch, gum_write, GumInferActor = _remote_stages(job, n_gpus)
     job_ref = ray.put(job)
-    # torch threads = the CPUs the actor holds: more would oversubscribe the cores that the fetch
-    # and write tasks run on (OpenMP spin-waits make that far slower than it looks)
-    threads = job.threads_per_actor or 1
     # cells per actor call: on a GPU, full batches across cells and the next cell read ahead
     per_call = job.cells_per_call or (4 if n_gpus >= 1 else 1)
     actors = _ModelActors(GumInferActor, n_actors, threads, job, checkpoint, sha)

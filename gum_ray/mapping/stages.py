@@ -105,8 +105,8 @@ class CellPredictor:
 
     The device path (DESIGN decision 13): a cell's compact integers are read from the cache and
     decompressed on reader threads (the next cells' while this one runs: one thread on a CPU
-    device, whose cores run the network; up to :data:`GPU_READERS` beside a GPU, decompressing
-    straight into pinned memory), uploaded once, and decoded, preprocessed, cut, blended and
+    device, whose cores run the network; beside a GPU one per CPU it holds, :func:`actor_cpus`,
+    decompressing straight into pinned memory), uploaded once, and decoded, preprocessed, cut, blended and
     thresholded on the engine's device; only P(urban) as float16 comes back. Crops of several
     cells share batches (:meth:`predict_cells`).
 
@@ -141,7 +141,7 @@ class CellPredictor:
 
                 from gum_ray.inference import one_malloc_arena
 
-                self.readers = max(1, min(GPU_READERS, os.cpu_count() or 1))
+                self.readers = max(1, min(threads or GPU_READERS, os.cpu_count() or 1))
                 self._pin = True
                 one_malloc_arena()  # before the reader threads start: no page faults per cell
         except Exception as exc:  # noqa: BLE001 - reported by ready()
@@ -243,8 +243,21 @@ class CellPredictor:
         return parts, {k: memory.tensor_of(v) for k, v in parts.items()}, geobox, provenance, time.perf_counter() - t
 
 
-#: reader threads of a model actor beside a GPU (each decompresses one cell at a time)
+#: reader threads of a model actor beside a GPU, by default (each decompresses one cell at a time;
+#: one keeps an H100 about 40 % busy, docs/performance.md)
 GPU_READERS = 4
+
+
+def actor_cpus(threads: int | None, gpus: float, cpus: float) -> int:
+    """The CPUs a model actor holds: ``threads`` (``--actor-threads``) if given; else on a CPU one
+    (its torch threads; the other cores fetch and write); beside a GPU one per cache reader thread,
+    which run flat out while the GPU is fed: :data:`GPU_READERS`, at most the cluster's ``cpus``
+    per GPU less one, so that fetches and writes still find a CPU on a node of one GPU."""
+    if threads:
+        return threads
+    if gpus < 1:
+        return 1
+    return max(1, min(GPU_READERS, int(cpus // gpus) - 1))
 
 
 class TensorMemory:
