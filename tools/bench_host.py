@@ -44,7 +44,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gum_ray import bands  # noqa: E402
-from gum_ray.export_io import open_export  # noqa: E402
 from gum_ray.grid import DEFAULT_GRID, DEFAULT_HALO_PX  # noqa: E402
 from gum_ray.inference import InferenceEngine, InferenceSettings  # noqa: E402
 from gum_ray.shuffled import ShuffledPart  # noqa: E402
@@ -194,6 +193,8 @@ def main() -> int:
         export = get_source("synthetic").fetch(gbox, 2021).export
         scene = None
     else:
+        from gum_ray.export_io import open_export  # (rasterio: not needed for the synthetic world)
+
         with open_export(args.image) as src:
             scene = src.read_rows(0, src.height)
         export = scene_cell(scene, h, w, args.fill)
