@@ -106,9 +106,9 @@ class CellPredictor:
     The device path (DESIGN decision 13): a cell's compact integers are read from the cache and
     decompressed on reader threads (the next cells' while this one runs: one thread on a CPU
     device, whose cores run the network; beside a GPU one per CPU it holds, :func:`actor_cpus`,
-    decompressing straight into pinned memory), uploaded once, and decoded, preprocessed, cut, blended and
-    thresholded on the engine's device; only P(urban) as float16 comes back. Crops of several
-    cells share batches (:meth:`predict_cells`).
+    decompressing straight into pinned memory), uploaded once, and decoded, preprocessed, cut,
+    blended and thresholded on the engine's device; only P(urban) as float16 comes back. Crops of
+    several cells share batches (:meth:`predict_cells`).
 
     The checkpoint may be a ``gs://`` object: it is fetched once per node into the local cache and
     checked against ``sha256`` (the driver's). A checkpoint that cannot be loaded does not kill the
