@@ -336,7 +336,15 @@ class InferenceEngine:
         t = time.perf_counter()
         _, h, w = dev["s2"].shape
         rows_per_block = min(h, rows_per_block or (64 if self.device.type == "cpu" else h))
-        x = torch.empty((self.in_channels, h, w), dtype=torch.float32, device=self.device)
+        # on a CPU running channels_last, the input is held pixel-major, (H, W, C) in memory: each
+        # crop is then 256 rows of 256 x C contiguous values, copied into the batch as they are,
+        # instead of a transposing copy of 1.8 crops' worth per pixel (docs/performance.md); a
+        # block is looked up channel-major and transposed once, while it is in cache
+        hwc = self.device.type == "cpu" and self.memory_format == torch.channels_last
+        if hwc:
+            x = torch.empty((h, w, self.in_channels), dtype=torch.float32, device=self.device).permute(2, 0, 1)
+        else:
+            x = torch.empty((self.in_channels, h, w), dtype=torch.float32, device=self.device)
         valid = torch.empty((h, w), dtype=torch.bool, device=self.device)
         tables = self._code_tables()
         by_band = self._present_tables() if tables is not None and self._by_mask else None
@@ -352,6 +360,8 @@ class InferenceEngine:
             index = {part: torch.empty((sp.stop - sp.start, rows_per_block, w), dtype=torch.int32, device=self.device)
                      for part, sp in spans.items()}
             s2_valid = torch.empty((rows_per_block, w), dtype=torch.uint8, device=self.device)
+            block = torch.empty((self.in_channels, rows_per_block, w), dtype=torch.float32, device=self.device) \
+                if hwc else None
         with torch.inference_mode():
             for a in range(0, h, rows_per_block):
                 rows = slice(a, min(a + rows_per_block, h))
@@ -361,16 +371,19 @@ class InferenceEngine:
                     x[:, rows] = self.model.preprocess(export)
                     continue
                 n = rows.stop - rows.start
+                xb = x[:, rows] if block is None else block[:, :n]  # each channel's rows contiguous
                 for part, chans in reads.items():
                     bands = spans[part]
                     mask = dev.get(part + "_mask")
                     if by_band is not None:  # a CPU: per band, by what its mask holds in this block
-                        self._lookup_bands(x, rows, dev[part], first[part], mask, chans, index[part][0, :n], by_band)
+                        self._lookup_bands(xb, rows, dev[part], first[part], mask, chans, index[part][0, :n], by_band)
                         continue
                     i = code_index(dev[part][bands.start - first[part] : bands.stop - first[part], rows],
                                    None if mask is None else mask[bands, rows], out=index[part][:, :n])
                     for c, band in chans:
-                        torch.index_select(tables[c], 0, i[band - bands.start].view(-1), out=x[c, rows].view(-1))
+                        torch.index_select(tables[c], 0, i[band - bands.start].view(-1), out=xb[c].view(-1))
+                if block is not None:
+                    x[:, rows].copy_(xb)
                 # GUM 1's validity: every Sentinel-2 band present, i.e. the least mask byte is not 0
                 torch.ne(torch.amin(dev["s2_mask"][:, rows], dim=0, out=s2_valid[:n]), 0, out=valid[rows])
         self.stage_s["decode+preprocess"] += time.perf_counter() - t
@@ -427,18 +440,19 @@ class InferenceEngine:
         return self._by_band
 
     @staticmethod
-    def _lookup_bands(x: torch.Tensor, rows: slice, codes: torch.Tensor, first: int, mask: torch.Tensor | None,
+    def _lookup_bands(xb: torch.Tensor, rows: slice, codes: torch.Tensor, first: int, mask: torch.Tensor | None,
                       chans: list[tuple[int, int]], index: torch.Tensor,
                       by_band: tuple[torch.Tensor, torch.Tensor, list[float | None]]) -> None:
-        """``x[c, rows]`` for each (channel, band) of one compact part (whose ``codes`` start at
-        band ``first``), on a CPU: a block whose mask is all present is one lookup of the code's
-        bits; all absent, the absent value; mixed, the lookup of the whole table with the mask byte
+        """``xb[c]`` (the input's block of ``rows``, each channel's rows contiguous) for each
+        (channel, band) of one compact part (whose ``codes`` start at band ``first``), on a CPU: a
+        block whose mask is all present is one lookup of the code's bits; all absent, the absent
+        value; mixed, the lookup of the whole table with the mask byte
         (:func:`gum_ray.bands.code_index`)."""
         from gum_ray.bands import code_index
 
         tables, present, absent = by_band
         for c, band in chans:
-            out = x[c, rows].view(-1)
+            out = xb[c].view(-1)
             code = codes[band - first, rows]
             if mask is not None:
                 m = mask[band, rows]

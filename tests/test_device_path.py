@@ -59,11 +59,14 @@ def test_torch_preprocess_and_decode_equal_numpy_bit_for_bit(n):
 @pytest.mark.parametrize("spec", [TINY, TINY13])
 @pytest.mark.parametrize("by_mask", [True, False], ids=["cpu branches", "gpu branchless"])
 @pytest.mark.parametrize("rows_per_block", [64, 1])
-def test_table_lookup_equals_decode_and_preprocess_for_every_code(spec, rows_per_block, by_mask):
+@pytest.mark.parametrize("channels_last", [True, False], ids=["pixel-major", "channel-major"])
+def test_table_lookup_equals_decode_and_preprocess_for_every_code(spec, rows_per_block, by_mask, channels_last):
     """GUM 1 decodes and preprocesses compact integers by table lookup (bands.code_tables): every
     code of every band, absent, present and mixed, gives the values and validity of decode_compact
     followed by the model's preprocessing, bit for bit; in blocks of one row too, where a CPU
-    takes each band's block by what its mask holds (all absent, all present, mixed)."""
+    takes each band's block by what its mask holds (all absent, all present, mixed). A CPU engine
+    running channels_last holds the input pixel-major ((H, W, C) in memory, so crops copy
+    without a transpose); the values are the same either way."""
     model = Gum1.from_module(build_model(spec))
     n = 65536
     rng = np.random.default_rng(1)
@@ -79,10 +82,11 @@ def test_table_lookup_equals_decode_and_preprocess_for_every_code(spec, rows_per
     if spec.with_products:
         parts["products"] = np.broadcast_to((np.arange(n) % 256).astype(np.uint8), (3, 3, n)).copy()
     export = bands.decode_compact(parts)
-    engine = InferenceEngine(model, InferenceSettings(device="cpu"))
+    engine = InferenceEngine(model, InferenceSettings(device="cpu", channels_last=channels_last))
     engine._by_mask = by_mask  # the way a GPU engine looks bands up, run on the CPU
     x, valid = engine.prepare_compact(parts, rows_per_block=rows_per_block)
     assert engine._code_tables() is not None  # the lookup ran
+    assert (x.permute(1, 2, 0) if channels_last else x).is_contiguous()
     np.testing.assert_array_equal(x.numpy(), model.preprocess(export))
     np.testing.assert_array_equal(valid.numpy(), model.validity(export))
 
