@@ -318,6 +318,8 @@ class InferenceEngine:
         (:func:`gum_ray.imagery.compact_input_quality`, from the masks already uploaded). A value
         part may hold just the bands :meth:`compact_bands` names for it (as the imagery cache reads
         them for this engine) or all of them, and may come still byte-shuffled (unshuffled here).
+        On a CPU running channels_last the input's memory is pixel-major (a (C, H, W) view of an
+        (H, W, C) tensor), so crops copy into the channels_last batch without a transpose.
 
         The integers are uploaded once; decoding (:func:`gum_ray.bands.decode_compact`) and the
         model's own ``preprocess`` and ``validity`` run on the device, in row blocks
