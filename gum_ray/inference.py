@@ -46,7 +46,7 @@ from gum_ray.network import UrbanModel, as_model, flops_per_crop  # noqa: F401 -
 from gum_ray.shuffled import ShuffledPart, unshuffle
 from gum_ray.tiling import (CROP, DEFAULT_STRIDE, InferenceSettings, Precision,  # noqa: F401 - re-exported
                             crop_count, crop_starts)
-from gum_ray.unet import conv_before_upsample
+from gum_ray.unet import conv_before_upsample, fold_batchnorm
 from gum_ray.winograd import use_winograd
 
 log = logging.getLogger(__name__)
@@ -77,34 +77,6 @@ class _Forward(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._model.forward(x)
-
-
-def fold_batchnorm(module: torch.nn.Module) -> int:
-    """Fold every eval-mode BatchNorm that directly follows a conv into that conv, in place.
-
-    Covers mmcv ``ConvModule`` (conv, then its norm) and ``nn.Sequential`` (a Conv2d followed by a
-    BatchNorm2d), which is how GUM 1 (and GUM 2.0's fusion and decoder blocks) are built. Returns the
-    number folded. This changes fp32 rounding (the folded weights are rounded once more), so the
-    engine folds only where the arithmetic is not bound to the seed path's (see ``InferenceSettings.fold_bn``).
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    n = 0
-    for mod in list(module.modules()):
-        conv, norm_name = getattr(mod, "conv", None), getattr(mod, "norm_name", None)
-        if isinstance(conv, torch.nn.Conv2d) and norm_name and getattr(mod, "order", None) == ("conv", "norm", "act"):
-            bn = getattr(mod, norm_name, None)
-            if isinstance(bn, torch.nn.BatchNorm2d) and bn.track_running_stats:
-                mod.conv = fuse_conv_bn_eval(conv, bn)
-                setattr(mod, norm_name, torch.nn.Identity())
-                n += 1
-        if isinstance(mod, torch.nn.Sequential):
-            for i in range(len(mod) - 1):
-                if isinstance(mod[i], torch.nn.Conv2d) and isinstance(mod[i + 1], torch.nn.BatchNorm2d):
-                    mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
-                    mod[i + 1] = torch.nn.Identity()
-                    n += 1
-    return n
 
 
 @dataclasses.dataclass

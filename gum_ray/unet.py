@@ -15,7 +15,7 @@ torch import; for a 20 s prediction that was a fifth of the wall time (docs/perf
 stays what the seed path (``tools/seed_predict.py``) and the fidelity tests run.
 
 mmcv's ``ConvModule`` here is :class:`ConvModule`: conv (no bias) -> BatchNorm (``bn``) -> ReLU,
-keeping mmcv's ``norm_name`` and ``order`` so :func:`gum_ray.inference.fold_batchnorm` folds it.
+keeping mmcv's ``norm_name`` and ``order`` so :func:`fold_batchnorm` folds it.
 """
 
 from __future__ import annotations
@@ -210,9 +210,38 @@ class UNetPSP(nn.Module):
         return self.encode_decode(x, [{"img_shape": tuple(x.shape[-2:])}])
 
 
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm that directly follows a conv into that conv, in place.
+
+    Covers mmcv ``ConvModule`` (conv, then its norm) and ``nn.Sequential`` (a Conv2d followed by a
+    BatchNorm2d), which is how GUM 1 (and GUM 2.0's fusion and decoder blocks) are built. Returns the
+    number folded. This changes fp32 rounding (the folded weights are rounded once more), so the
+    engine (:mod:`gum_ray.inference`) folds only where the arithmetic is not bound to the seed
+    path's (see ``InferenceSettings.fold_bn``).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    n = 0
+    for mod in list(module.modules()):
+        conv, norm_name = getattr(mod, "conv", None), getattr(mod, "norm_name", None)
+        if isinstance(conv, nn.Conv2d) and norm_name and getattr(mod, "order", None) == ("conv", "norm", "act"):
+            bn = getattr(mod, norm_name, None)
+            if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                mod.conv = fuse_conv_bn_eval(conv, bn)
+                setattr(mod, norm_name, nn.Identity())
+                n += 1
+        if isinstance(mod, nn.Sequential):
+            for i in range(len(mod) - 1):
+                if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
+                    mod[i] = fuse_conv_bn_eval(mod[i], mod[i + 1])
+                    mod[i + 1] = nn.Identity()
+                    n += 1
+    return n
+
+
 def conv_before_upsample(module: nn.Module) -> int:
     """Run each :class:`InterpConv` of ``module`` whose BatchNorm is folded into its conv
-    (:func:`gum_ray.inference.fold_batchnorm`) as 1 x 1 conv -> 2x bilinear upsample -> ReLU instead
+    (:func:`fold_batchnorm`) as 1 x 1 conv -> 2x bilinear upsample -> ReLU instead
     of upsample -> conv -> ReLU; returns how many. A 1 x 1 conv (with its bias) and a bilinear
     upsample commute in real arithmetic (the bilinear weights sum to 1), so this changes only
     rounding (logits within about 5e-4, as folding does) and runs the conv on a quarter of the
@@ -253,4 +282,4 @@ def uninitialised(factory: Callable[[], nn.Module]) -> nn.Module:
 
 
 __all__ = ["BasicConvBlock", "ConvModule", "InterpConv", "PPM", "PSPHead", "UNet", "UNetPSP", "UpConvBlock",
-           "conv_before_upsample", "resize", "uninitialised"]
+           "conv_before_upsample", "fold_batchnorm", "resize", "uninitialised"]

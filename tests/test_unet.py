@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from gum_ray.inference import fold_batchnorm
+from gum_ray.unet import fold_batchnorm
 from gum_ray.model import CONFIG_DIR, ModelSpec, build_model, randomize
 from gum_ray.unet import PSPHead, UpConvBlock
 
