@@ -310,10 +310,8 @@ class InferenceEngine:
         t = time.perf_counter()
         _, h, w = dev["s2"].shape
         rows_per_block = min(h, rows_per_block or (64 if self.device.type == "cpu" else h))
-        # on a CPU running channels_last, the input is held pixel-major, (H, W, C) in memory: each
-        # crop is then 256 rows of 256 x C contiguous values, copied into the batch as they are,
-        # instead of a transposing copy of 1.8 crops' worth per pixel (docs/performance.md); a
-        # block is looked up channel-major and transposed once, while it is in cache
+        # pixel-major on a CPU running channels_last (the docstring; docs/performance.md): each
+        # block is looked up channel-major into ``block`` and transposed once, while in cache
         hwc = self.device.type == "cpu" and self.memory_format == torch.channels_last
         if hwc:
             x = torch.empty((h, w, self.in_channels), dtype=torch.float32, device=self.device).permute(2, 0, 1)

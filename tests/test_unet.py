@@ -11,9 +11,8 @@ import warnings
 import pytest
 import torch
 
-from gum_ray.unet import fold_batchnorm
 from gum_ray.model import CONFIG_DIR, ModelSpec, build_model, randomize
-from gum_ray.unet import PSPHead, UpConvBlock
+from gum_ray.unet import PSPHead, UpConvBlock, fold_batchnorm
 
 SPECS = [ModelSpec(10, 8, 4), ModelSpec(13, 8, 4)]
 

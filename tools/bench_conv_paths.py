@@ -31,9 +31,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gum_ray.unet import fold_batchnorm  # noqa: E402
 from gum_ray.model import GUM_10, Gum1, build_model, randomize  # noqa: E402
-from gum_ray.unet import conv_before_upsample  # noqa: E402
+from gum_ray.unet import conv_before_upsample, fold_batchnorm  # noqa: E402
 from gum_ray.winograd import WinogradConv2d, eligible, use_winograd  # noqa: E402
 
 
